@@ -1,0 +1,173 @@
+"""The files one run leaves in `artifacts/<task>/<config>/`, written so that no crash loses work.
+
+- `summary.json`: written once at the end, atomically (temp file + `os.replace`).
+- `samples.jsonl`: one line per finished prompt, appended per batch with one `write` + fsync, so
+  an interrupted run keeps every finished batch; at most a torn last line is lost, and it is
+  dropped (atomically) when the run resumes. In multi-process runs rank r > 0 appends to
+  `samples.rank<r>.jsonl`; the main process merges them into `samples.jsonl` (atomically, in
+  dataset order) at the end.
+- `batches.jsonl`: the same scheme, one line of throughput counters per batch, so a resumed
+  run's throughput still covers every prompt.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import tempfile
+
+logger = logging.getLogger(__name__)
+
+SUMMARY = "summary.json"
+SAMPLES = "samples.jsonl"
+BATCHES = "batches.jsonl"
+
+
+def write_json_atomic(path: str, data) -> None:
+    """Write JSON to `path` so that readers see the old file or the whole new one, never a part."""
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=_jsonable) + "\n")
+
+
+def write_jsonl_atomic(path: str, records: list[dict]) -> None:
+    write_text_atomic(path, "".join(_line(r) for r in records))
+
+
+def append_jsonl(path: str, records: list[dict]) -> None:
+    """Append whole lines in one write and flush them to disk before returning."""
+    if not records:
+        return
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(_line(r) for r in records))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path: str) -> tuple[list[dict], int]:
+    """Records of a JSON Lines file and the number of unreadable (torn) lines skipped."""
+    if not os.path.exists(path):
+        return [], 0
+    records, bad = [], 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                bad += 1
+    return records, bad
+
+
+def read_json(path: str):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+class RunFiles:
+    """Paths of one run folder, and the per-process files this process appends to."""
+
+    def __init__(self, run_dir: str, rank: int = 0):
+        self.dir = run_dir
+        self.rank = rank
+
+    @property
+    def summary(self) -> str:
+        return os.path.join(self.dir, SUMMARY)
+
+    def samples_path(self, rank: int | None = None) -> str:
+        return self._ranked(SAMPLES, self.rank if rank is None else rank)
+
+    def batches_path(self, rank: int | None = None) -> str:
+        return self._ranked(BATCHES, self.rank if rank is None else rank)
+
+    def _ranked(self, name: str, rank: int) -> str:
+        if rank == 0:
+            return os.path.join(self.dir, name)
+        stem, ext = os.path.splitext(name)
+        return os.path.join(self.dir, f"{stem}.rank{rank}{ext}")
+
+    def _all(self, name: str) -> list[str]:
+        stem, ext = os.path.splitext(name)
+        paths = [os.path.join(self.dir, name)]
+        paths += sorted(glob.glob(os.path.join(self.dir, f"{stem}.rank*{ext}")))
+        return [p for p in paths if os.path.exists(p)]
+
+    def has_summary(self) -> bool:
+        return os.path.exists(self.summary)
+
+    def clear(self) -> None:
+        """Remove this run's files (for --force)."""
+        for path in [self.summary, *self._all(SAMPLES), *self._all(BATCHES)]:
+            os.remove(path)
+
+    def repair(self) -> None:
+        """Drop torn lines left by a crash, so appends start on a clean line."""
+        for path in self._all(SAMPLES) + self._all(BATCHES):
+            records, bad = read_jsonl(path)
+            if bad:
+                logger.warning("%s: dropping %d unreadable line(s) left by an interrupted run", path, bad)
+                write_jsonl_atomic(path, records)
+
+    def finished_samples(self) -> list[dict]:
+        """Every sample record any process has written, first occurrence of each id wins."""
+        seen, out = set(), []
+        for path in self._all(SAMPLES):
+            for record in read_jsonl(path)[0]:
+                if record["id"] not in seen:
+                    seen.add(record["id"])
+                    out.append(record)
+        return out
+
+    def batch_records(self) -> list[dict]:
+        return [r for path in self._all(BATCHES) for r in read_jsonl(path)[0]]
+
+    def append(self, samples: list[dict], batch: dict) -> None:
+        """Record one finished batch: its samples first (what resume trusts), then its counters."""
+        os.makedirs(self.dir, exist_ok=True)
+        append_jsonl(self.samples_path(), samples)
+        append_jsonl(self.batches_path(), [batch])
+
+    def consolidate(self, samples: list[dict], batches: list[dict]) -> None:
+        """Main process: one `samples.jsonl` / `batches.jsonl` in final order; per-rank files removed."""
+        write_jsonl_atomic(self.samples_path(0), samples)
+        write_jsonl_atomic(self.batches_path(0), batches)
+        for path in self._all(SAMPLES)[1:] + self._all(BATCHES)[1:]:
+            os.remove(path)
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Write text via a temp file in the same folder + os.replace (readers never see half a file)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _line(record: dict) -> str:
+    return json.dumps(record, ensure_ascii=False, default=_jsonable) + "\n"
+
+
+def _jsonable(value):
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    return str(value)

@@ -1,0 +1,189 @@
+"""Command lines of `eval_scripts/*.py`: one shared argument set, checked before anything loads."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from .data import DataUnavailableError
+from .model_calls import ModelUnavailableError
+from .options import (
+    DEFAULT_MODEL,
+    DTYPES,
+    MMLU_MODES,
+    REUSE_MODES,
+    SUBSETS,
+    TASKS,
+    EvalOptions,
+    InvalidOptionError,
+)
+
+DEFAULTS = EvalOptions(task="gsm8k")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _str_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def add_shared_arguments(parser: argparse.ArgumentParser, *, grid: bool = False, mmlu: bool = False) -> None:
+    """The arguments every task script and the grid share. In a grid, reuse knobs take lists."""
+    m = parser.add_argument_group("model")
+    m.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local checkpoint folder (default: %(default)s)")
+    m.add_argument("--tokenizer", default=None, help="tokenizer folder/id when the checkpoint has none")
+    m.add_argument("--dtype", default=DEFAULTS.dtype, choices=DTYPES, help="default: the checkpoint's (auto)")
+    m.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available; per-process under accelerate)")
+    m.add_argument("--mask-token-id", type=int, default=None, help="override the |<MASK>| id")
+
+    r = parser.add_argument_group("layer reuse" + (" (comma-separated lists: one run per combination)" if grid else ""))
+    if grid:
+        r.add_argument("--k", type=_int_list, default=[1, 2, 3], help="reuse periods (default: 1,2,3)")
+        r.add_argument("--subset", type=_str_list, default=list(SUBSETS), help=f"from {', '.join(SUBSETS)} (default: all)")
+        r.add_argument("--size", type=_int_list, default=[DEFAULTS.size], help="layers in the subset (default: 12)")
+        r.add_argument("--mode", type=_str_list, default=[DEFAULTS.mode], help=f"from {', '.join(REUSE_MODES)} (default: output)")
+    else:
+        r.add_argument("--k", type=int, default=DEFAULTS.k, help="recompute reused layers every k denoising steps; 1 = no reuse")
+        r.add_argument("--subset", default=DEFAULTS.subset, choices=SUBSETS, help="which layers are reused")
+        r.add_argument("--size", type=int, default=DEFAULTS.size, help="how many layers the subset has (default: %(default)s)")
+        r.add_argument("--mode", default=DEFAULTS.mode, choices=REUSE_MODES, help="reuse a layer's output or its residual update")
+    r.add_argument("--layers", type=_int_list, default=None, help="explicit layer indices (instead of subset/size)")
+
+    d = parser.add_argument_group("decoding (Fast-dLLM v2 defaults)")
+    d.add_argument("--block-size", type=int, default=DEFAULTS.block_size)
+    d.add_argument("--small-block-size", type=int, default=DEFAULTS.small_block_size)
+    d.add_argument("--threshold", type=float, default=DEFAULTS.threshold, help="confidence to unmask in parallel")
+    d.add_argument("--block-cache", dest="use_block_cache", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the current block's K/V between sub-blocks (default: on)")
+    d.add_argument("--max-new-tokens", type=int, default=DEFAULTS.max_new_tokens)
+    d.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="prompts per model call (pairs per forward for MMLU loglikelihood)")
+
+    p = parser.add_argument_group("prompts and data")
+    p.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=True, help="default: on")
+    p.add_argument("--num-fewshot", type=int, default=None, help="worked examples per prompt (default: 5 for MMLU, else 0)")
+    if grid or mmlu:
+        p.add_argument("--mmlu-mode", default=DEFAULTS.mmlu_mode, choices=MMLU_MODES,
+                       help="MMLU: loglikelihood (one masked forward, as upstream) or generative (layer reuse applies)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N rows (quick runs)")
+    p.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    p.add_argument("--data-files", nargs="+", default=None,
+                   help="local JSON Lines/JSON/CSV files or folders instead of the Hub (offline use)")
+    p.add_argument("--fewshot-files", nargs="+", default=None, help="local few-shot rows (GSM8K train, MMLU dev)")
+    p.add_argument("--dataset", default=None, help="Hub dataset id to use instead of the task default")
+    p.add_argument("--dataset-config", default=None, help="Hub dataset config (e.g. gpqa_diamond)")
+    p.add_argument("--split", default=None, help="Hub split to evaluate")
+
+    o = parser.add_argument_group("output")
+    o.add_argument("--output-dir", default=DEFAULTS.output_dir, help="artifacts root (default: %(default)s)")
+    o.add_argument("--run-name", default=None, help="folder name instead of the one derived from the config")
+    o.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                   help="run one small uncounted warm-up batch per process (default: on)")
+    o.add_argument("--force", action="store_true", help="recompute even if results exist")
+    o.add_argument("--log-level", default="INFO")
+
+
+def build_parser(task: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"{task}.py",
+        description=f"Evaluate a Fast-dLLM v2 model on {task} with block-diffusion decoding and layer reuse; "
+        "writes <output-dir>/" + task + "/<config>/{summary.json,samples.jsonl}. Resumes interrupted runs.",
+    )
+    add_shared_arguments(parser, mmlu=task == "mmlu")
+    return parser
+
+
+def options_from_args(task: str, args: argparse.Namespace, **overrides) -> EvalOptions:
+    fields = {name: getattr(args, name) for name in EvalOptions.__dataclass_fields__ if hasattr(args, name)}
+    fields.pop("task", None)
+    fields.update(overrides)
+    return EvalOptions(task=task, **fields)
+
+
+def main(task: str, argv: list[str] | None = None) -> int:
+    """One task: parse, validate, run, print a one-line result."""
+    parser = build_parser(task)
+    args = parser.parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        options = options_from_args(task, args).validate()
+    except InvalidOptionError as err:
+        parser.error(str(err))
+    from .runner import run_eval
+
+    try:
+        summary = run_eval(options)
+    except (DataUnavailableError, ModelUnavailableError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if _is_main():
+        print(result_line(summary, options.run_dir()))
+    return 0
+
+
+def grid_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="run_grid.py",
+        description="Run every k × subset (× size × mode) configuration of one task; configurations whose "
+        "summary.json exists are skipped (unless --force), interrupted ones resume.",
+    )
+    parser.add_argument("--task", required=True, choices=TASKS)
+    add_shared_arguments(parser, grid=True)
+    parser.add_argument("--max-runs", type=int, default=None, help="stop after running this many configurations")
+    args = parser.parse_args(argv)
+    _setup_logging(args.log_level)
+    from .grid import grid_options, run_grid
+
+    try:
+        base = options_from_args(args.task, args, k=1, subset=DEFAULTS.subset, size=DEFAULTS.size, mode=DEFAULTS.mode)
+        cells = grid_options(base, args.k, args.subset, args.size, args.mode)
+    except InvalidOptionError as err:
+        parser.error(str(err))
+    try:
+        outcome = run_grid(cells, max_runs=args.max_runs, say=print if _is_main() else (lambda *a, **k: None))
+    except (DataUnavailableError, ModelUnavailableError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 1 if outcome.failed else 0
+
+
+def report_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="report.py", description="Build results.md and plots from artifacts/*/*/summary.json")
+    parser.add_argument("root", nargs="?", default="artifacts", help="artifacts folder (default: %(default)s)")
+    parser.add_argument("--output", default=None, help="markdown path (default: <root>/results.md)")
+    parser.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
+    args = parser.parse_args(argv)
+    if not os.path.isdir(args.root):
+        parser.error(f"root={args.root!r} is not a folder (expected the --output-dir of earlier runs)")
+    from .report import build_report
+
+    path = build_report(args.root, output=args.output, plots=args.plots)
+    print(f"wrote {path}")
+    return 0
+
+
+def result_line(summary: dict, run_dir: str) -> str:
+    tp = summary["throughput"]
+    tps = tp.get("tokens_per_second")
+    return (
+        f"{summary['task']}/{summary['config']}: {summary['primary_metric']}={summary['accuracy']} "
+        f"(n={summary['counts']['samples']}), {tps if tps is None else round(tps, 2)} tok/s, "
+        f"{tp.get('tokens_per_forward')} tok/forward -> {os.path.join(run_dir, 'summary.json')}"
+    )
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _setup_logging(level: str) -> None:
+    if not _is_main():
+        level = "WARNING"
+    logging.basicConfig(level=getattr(logging, str(level).upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)

@@ -1,0 +1,92 @@
+"""A k × subset (× size × mode) sweep that can be stopped and restarted at any point.
+
+Each cell is an ordinary run with its own folder; a cell whose summary.json exists is skipped
+(unless forced), a partly done cell resumes from its samples, and the model is loaded once for
+all cells. Finished cells are never touched again, so killing the sweep loses at most the
+batch in flight.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import traceback
+from dataclasses import dataclass, field
+
+from .artifacts import RunFiles
+from .data import DataUnavailableError
+from .model_calls import ModelUnavailableError, load_model_and_tokenizer
+from .options import EvalOptions, InvalidOptionError
+from .runner import run_eval
+
+logger = logging.getLogger(__name__)
+
+# Errors that every cell would hit the same way: stop instead of failing each cell in turn.
+FATAL = (DataUnavailableError, ModelUnavailableError, InvalidOptionError)
+
+
+@dataclass
+class GridOutcome:
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    pending: list[str] = field(default_factory=list)
+
+
+def grid_options(base: EvalOptions, ks, subsets, sizes=None, modes=None) -> list[EvalOptions]:
+    """Every combination, k outermost; each cell validated before anything runs."""
+    cells = []
+    for k, subset, size, mode in itertools.product(ks, subsets, sizes or [base.size], modes or [base.mode]):
+        cells.append(base.replace(k=k, subset=subset, size=size, mode=mode).validate())
+    names = [c.config_name() for c in cells]
+    if len(set(names)) != len(names):
+        raise InvalidOptionError("the grid has repeated configurations (k/subset/size/mode lists repeat a value)")
+    return cells
+
+
+def run_grid(
+    cells: list[EvalOptions],
+    *,
+    max_runs: int | None = None,
+    loader=load_model_and_tokenizer,
+    context=None,
+    scorer=None,
+    say=print,
+) -> GridOutcome:
+    """Run the cells that have no summary yet; `max_runs` stops after that many cells ran."""
+    outcome = GridOutcome()
+    cache: dict = {}
+
+    def load_once(options, device):
+        if "model" not in cache:
+            cache["model"] = loader(options, device)
+        return cache["model"]
+
+    for number, options in enumerate(cells, 1):
+        name = f"{options.task}/{options.config_name()}"
+        if not options.force and RunFiles(options.run_dir()).has_summary():
+            say(f"[grid] {number}/{len(cells)} skip {name} (summary exists: {os.path.join(options.run_dir(), 'summary.json')})")
+            outcome.skipped.append(name)
+            continue
+        if max_runs is not None and len(outcome.ran) + len(outcome.failed) >= max_runs:
+            outcome.pending.append(name)
+            continue
+        say(f"[grid] {number}/{len(cells)} run {name}")
+        try:
+            model, tokenizer = cache.get("model", (None, None))
+            run_eval(options, model=model, tokenizer=tokenizer, loader=load_once, context=context, scorer=scorer)
+        except FATAL:
+            raise
+        except Exception:  # one bad cell (e.g. out of memory) must not stop the rest of the sweep
+            if context is not None and context.world_size > 1:
+                raise
+            say(f"[grid] {number}/{len(cells)} FAILED {name}:\n{traceback.format_exc()}")
+            outcome.failed.append(name)
+            continue
+        outcome.ran.append(name)
+    say(
+        f"[grid] finished: ran {len(outcome.ran)}, skipped {len(outcome.skipped)}, "
+        f"failed {len(outcome.failed)}, not started {len(outcome.pending)}"
+    )
+    return outcome

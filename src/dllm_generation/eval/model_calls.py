@@ -1,0 +1,152 @@
+"""Every place the evaluation touches the model: loading, generating a batch, scoring choices.
+
+Keeping the model behind these few functions lets the run loop, resume and artifacts be
+tested with a fake model, and makes the timing rules obvious: the clock runs around the model
+call only (device synchronised on both sides), never around tokenisation or scoring.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# Counters summed over batches; every other throughput number is derived from these.
+COUNTERS = ("forwards", "denoising_steps", "generated_tokens", "layer_calls", "layer_calls_skipped", "tokens")
+
+
+class ModelUnavailableError(RuntimeError):
+    """The checkpoint or tokenizer could not be loaded; the message says what was tried."""
+
+
+@dataclass
+class BatchResult:
+    texts: list[str]
+    token_counts: list[int]
+    stats: dict = field(default_factory=dict)
+
+
+def load_model_and_tokenizer(options, device: str | None):
+    """`dllm_generation.load_model` with errors that say what was tried and how to fix it."""
+    from dllm_generation import load_model
+
+    dtype = None if options.dtype == "auto" else options.dtype
+    kwargs = {"dtype": dtype, "device": device, "mask_token_id": options.mask_token_id}
+    if options.tokenizer:
+        kwargs["tokenizer"] = options.tokenizer
+    try:
+        model, tokenizer = load_model(options.model, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as err:
+        raise ModelUnavailableError(
+            f"cannot load model {options.model!r} (dtype={options.dtype}, device={device}): "
+            f"{type(err).__name__}: {err}. Pass a local checkpoint folder with --model PATH "
+            "(set HF_HUB_OFFLINE=1 on machines without internet)"
+        ) from err
+    if tokenizer is None:
+        raise ModelUnavailableError(
+            f"model {options.model!r} loaded but has no tokenizer files; pass --tokenizer PATH "
+            "(a folder with vocab.json/merges.txt or tokenizer.json)"
+        )
+    return model, tokenizer
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def build_generation_config(options, tokenizer):
+    """The Fast-dLLM v2 decoding settings of `options`; k=1 means no layer reuse at all."""
+    from transformers import GenerationConfig
+
+    from dllm_generation import LayerReuseConfig
+
+    reuse = None
+    if options.k > 1:
+        reuse = LayerReuseConfig(
+            k=options.k, subset=options.subset, size=options.size, layers=options.layers, mode=options.mode
+        )
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return GenerationConfig(
+        max_new_tokens=options.max_new_tokens,
+        block_size=options.block_size,
+        small_block_size=options.small_block_size,
+        threshold=options.threshold,
+        use_block_cache=options.use_block_cache,
+        layer_reuse=reuse,
+        do_sample=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=pad,
+    )
+
+
+def generate_batch(model, tokenizer, prompts: list[list[int]], generation_config) -> BatchResult:
+    """Decode one left-padded batch; texts exclude the prompt, special tokens and padding."""
+    pad = generation_config.pad_token_id
+    device = model_device(model)
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, width - len(ids) :] = 1
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+
+    with _clock(device) as clock:
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                generation_config=generation_config,
+                return_dict_in_generate=True,
+            )
+    new = out.sequences[:, width:].tolist()
+    counts = [sum(1 for t in row if t != pad) for row in new]
+    texts = [tokenizer.decode([t for t in row if t != pad], skip_special_tokens=True) for row in new]
+    raw = dict(getattr(out, "stats", None) or getattr(model, "last_generation_stats", None) or {})
+    stats = {name: raw.get(name, 0) for name in COUNTERS if name != "tokens"}
+    stats["generated_tokens"] = raw.get("generated_tokens", sum(counts))
+    stats["tokens"] = stats["generated_tokens"]
+    stats["wall_seconds"] = clock.seconds
+    stats["model_wall_seconds"] = raw.get("wall_seconds")
+    return BatchResult(texts, counts, stats)
+
+
+def loglikelihood_batch(model, contexts: list[list[int]], continuations: list[list[int]], batch_size: int):
+    """Summed log-probabilities of each continuation (one masked forward per pair) and counters."""
+    from dllm_generation.scoring import loglikelihood
+
+    device = model_device(model)
+    with _clock(device) as clock:
+        with torch.inference_mode():
+            lls, raw = loglikelihood(model, contexts, continuations, batch_size=batch_size)
+    stats = {name: int(raw.get(name) or 0) for name in COUNTERS}
+    # Throughput counts every token the forwards processed (context + continuation).
+    stats["tokens"] = sum(len(c) + len(x) for c, x in zip(contexts, continuations))
+    stats["generated_tokens"] = 0
+    stats["wall_seconds"] = clock.seconds
+    stats["model_wall_seconds"] = raw.get("wall_seconds")
+    return [float(x) for x in lls], stats
+
+
+class _clock:
+    """Wall seconds of the enclosed block, with the accelerator synchronised at both ends."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.seconds = 0.0
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.seconds = time.perf_counter() - self._start
+        return False

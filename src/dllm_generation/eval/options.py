@@ -1,0 +1,167 @@
+"""Everything one evaluation run needs to know, checked before any model or data is touched.
+
+The same `EvalOptions` drives a single-task script, every cell of a grid and the artifact
+folder name, so a run is fully described (and resumable) by this object alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+TASKS = ("gsm8k", "math", "ifeval", "mmlu", "gpqa")
+SUBSETS = ("first", "middle", "last")
+REUSE_MODES = ("output", "residual")
+MMLU_MODES = ("loglikelihood", "generative")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+DEFAULT_MODEL = "Efficient-Large-Model/Fast_dLLM_v2_7B"
+# Published Fast-dLLM v2 evaluation: few-shot counts per task (MMLU 5-shot from dev, the rest 0-shot).
+DEFAULT_NUM_FEWSHOT = {"gsm8k": 0, "math": 0, "ifeval": 0, "mmlu": 5, "gpqa": 0}
+# Tasks whose prompts know how to show worked examples.
+FEWSHOT_TASKS = ("gsm8k", "mmlu")
+
+
+class InvalidOptionError(ValueError):
+    """A user-supplied option is out of range; the message names the field and what is allowed."""
+
+
+@dataclass
+class EvalOptions:
+    """One evaluation run: task, model, layer reuse, decoding, data source and output place."""
+
+    task: str
+    model: str = DEFAULT_MODEL
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    device: str | None = None
+    mask_token_id: int | None = None
+    # layer reuse
+    k: int = 1
+    subset: str = "first"
+    size: int = 12
+    layers: list[int] | None = None
+    mode: str = "output"
+    # decoding (Fast-dLLM v2 defaults)
+    block_size: int = 32
+    small_block_size: int = 8
+    threshold: float = 0.9
+    use_block_cache: bool = True
+    max_new_tokens: int = 2048
+    batch_size: int = 8
+    # prompts and data
+    chat_template: bool = True
+    num_fewshot: int | None = None
+    mmlu_mode: str = "loglikelihood"
+    limit: int | None = None
+    seed: int = 0
+    data_files: list[str] | None = None
+    fewshot_files: list[str] | None = None
+    dataset: str | None = None
+    dataset_config: str | None = None
+    split: str | None = None
+    # run bookkeeping
+    output_dir: str = "artifacts"
+    run_name: str | None = None
+    warmup: bool = True
+    force: bool = False
+    extra: dict = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> "EvalOptions":
+        """Raise InvalidOptionError naming the first bad field and its allowed values."""
+        _choice("task", self.task, TASKS)
+        _choice("subset", self.subset, SUBSETS)
+        _choice("mode", self.mode, REUSE_MODES)
+        _choice("mmlu_mode", self.mmlu_mode, MMLU_MODES)
+        _choice("dtype", self.dtype, DTYPES)
+        _at_least("k", self.k, 1)
+        _at_least("size", self.size, 1)
+        _at_least("block_size", self.block_size, 1)
+        _at_least("small_block_size", self.small_block_size, 1)
+        _at_least("max_new_tokens", self.max_new_tokens, 1)
+        _at_least("batch_size", self.batch_size, 1)
+        _at_least("seed", self.seed, 0)
+        if self.limit is not None:
+            _at_least("limit", self.limit, 1)
+        if self.block_size % self.small_block_size:
+            raise InvalidOptionError(
+                f"small_block_size={self.small_block_size} must divide block_size={self.block_size} "
+                "(allowed: a divisor of block_size, e.g. 8 for 32)"
+            )
+        if not (isinstance(self.threshold, (int, float)) and 0.0 < self.threshold <= 1.0):
+            raise InvalidOptionError(f"threshold={self.threshold!r} is out of range (allowed: 0 < threshold <= 1)")
+        if self.layers is not None:
+            if not self.layers or any((not isinstance(i, int)) or i < 0 for i in self.layers):
+                raise InvalidOptionError(
+                    f"layers={self.layers!r} is invalid (allowed: a non-empty list of layer indices >= 0)"
+                )
+            if len(set(self.layers)) != len(self.layers):
+                raise InvalidOptionError(f"layers={self.layers!r} repeats an index (allowed: distinct indices)")
+        if self.num_fewshot is not None:
+            _at_least("num_fewshot", self.num_fewshot, 0)
+            if self.num_fewshot > 0 and self.task not in FEWSHOT_TASKS:
+                raise InvalidOptionError(
+                    f"num_fewshot={self.num_fewshot} is not supported for task {self.task!r} "
+                    f"(allowed: 0; few-shot prompts exist for {', '.join(FEWSHOT_TASKS)})"
+                )
+        if self.mmlu_mode != "loglikelihood" and self.task != "mmlu":
+            raise InvalidOptionError(f"mmlu_mode={self.mmlu_mode!r} only applies to task 'mmlu'")
+        for name in ("data_files", "fewshot_files"):
+            for path in getattr(self, name) or []:
+                if not os.path.exists(path):
+                    raise InvalidOptionError(f"{name}: {path!r} does not exist (allowed: existing files or folders)")
+        return self
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def fewshot(self) -> int:
+        """Number of worked examples in each prompt (the task default unless set)."""
+        return DEFAULT_NUM_FEWSHOT[self.task] if self.num_fewshot is None else self.num_fewshot
+
+    @property
+    def uses_loglikelihood(self) -> bool:
+        return self.task == "mmlu" and self.mmlu_mode == "loglikelihood"
+
+    def config_name(self) -> str:
+        """Folder name of this configuration: reuse settings plus every non-default decoding knob."""
+        if self.run_name:
+            return self.run_name
+        where = "layers" + "-".join(str(i) for i in self.layers) if self.layers else f"{self.subset}{self.size}"
+        parts = [f"k{self.k}", where, self.mode]
+        defaults = EvalOptions(task=self.task)
+        if (self.block_size, self.small_block_size) != (defaults.block_size, defaults.small_block_size):
+            parts.append(f"b{self.block_size}s{self.small_block_size}")
+        if self.threshold != defaults.threshold:
+            parts.append(f"t{self.threshold:g}")
+        if not self.use_block_cache:
+            parts.append("nocache")
+        if self.max_new_tokens != defaults.max_new_tokens:
+            parts.append(f"n{self.max_new_tokens}")
+        if not self.chat_template:
+            parts.append("nochat")
+        if self.num_fewshot is not None and self.num_fewshot != DEFAULT_NUM_FEWSHOT[self.task]:
+            parts.append(f"{self.num_fewshot}shot")
+        if self.task == "mmlu" and self.mmlu_mode == "generative":
+            parts.append("gen")
+        return "_".join(parts)
+
+    def run_dir(self) -> str:
+        return os.path.join(self.output_dir, self.task, self.config_name())
+
+    def replace(self, **changes) -> "EvalOptions":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise InvalidOptionError(f"{name}={value!r} is not allowed (allowed: {', '.join(map(str, allowed))})")
+
+
+def _at_least(name: str, value, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise InvalidOptionError(f"{name}={value!r} is out of range (allowed: an integer >= {low})")

@@ -1,0 +1,338 @@
+"""The run loop: rows → prompts → model call → scores → per-batch records → summary.json.
+
+Order matters and is the point of this module:
+1. validate options, read the data, look at what earlier (interrupted) runs finished —
+   all before any model is loaded, so bad input and "nothing left to do" cost nothing;
+2. split the unfinished rows across processes, warm the model up on a few of them (not
+   counted), then append samples + counters after every batch;
+3. the main process merges every process's records and writes the summary once.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import time
+
+import torch
+
+from . import artifacts
+from .artifacts import RunFiles
+from .data import LETTERS, Example, load_task_data
+from .distributed import ProcessContext, process_context
+from .model_calls import (
+    build_generation_config,
+    generate_batch,
+    load_model_and_tokenizer,
+    loglikelihood_batch,
+    model_device,
+)
+from .options import EvalOptions
+from .prompts import build_prompt, mmlu_continuations, render_prompt
+from .provenance import environment
+from .throughput import summarize_throughput
+
+logger = logging.getLogger(__name__)
+
+WARMUP_PROMPTS = 2
+
+
+class MetricsScorer:
+    """Adapter over `dllm_generation.eval.metrics` (imported on first use)."""
+
+    def __init__(self, module=None):
+        self._module = module
+
+    @property
+    def module(self):
+        if self._module is None:
+            from . import metrics
+
+            self._module = metrics
+        return self._module
+
+    def score(self, task: str, text: str, doc: dict) -> dict:
+        return self.module.score_sample(task, text, doc)
+
+    def aggregate(self, task: str, metrics: list[dict]) -> dict:
+        return self.module.aggregate(task, metrics)
+
+    def primary(self, task: str) -> str:
+        return self.module.PRIMARY_METRIC[task]
+
+
+def metrics_task(options: EvalOptions) -> str:
+    """Name of the task in the metrics package (MMLU's generative mode has its own scorer)."""
+    return "mmlu_generative" if options.task == "mmlu" else options.task
+
+
+def run_eval(
+    options: EvalOptions,
+    *,
+    model=None,
+    tokenizer=None,
+    context: ProcessContext | None = None,
+    scorer: MetricsScorer | None = None,
+    loader=load_model_and_tokenizer,
+    progress: bool = True,
+) -> dict:
+    """Evaluate `options` (resuming a partial run) and return the summary dict.
+
+    `model`/`tokenizer` let a grid load once; otherwise `loader(options, device)` is called,
+    and only if some row is still unfinished.
+    """
+    options.validate()
+    ctx = context or process_context()
+    scorer = scorer or MetricsScorer()
+    files = RunFiles(options.run_dir(), ctx.rank)
+    if options.force and ctx.is_main and _exists_any(files):
+        logger.info("--force: removing earlier results in %s", files.dir)
+        files.clear()
+    ctx.barrier()
+
+    data = load_task_data(options)
+    if files.has_summary():
+        summary = artifacts.read_json(files.summary)
+        if summary.get("dataset", {}).get("count") == len(data.examples):
+            if ctx.is_main:
+                logger.info("summary exists, nothing to do: %s (use --force to recompute)", files.summary)
+            return summary
+
+    if ctx.is_main:
+        files.repair()
+    ctx.barrier()
+    finished = {r["id"] for r in files.finished_samples()}
+    ctx.barrier()  # every process has read the finished ids before any appends
+    todo = [ex for ex in data.examples if ex.id not in finished]
+    mine = ctx.split(todo)
+    if ctx.is_main and finished:
+        logger.info("resuming %s: %d of %d rows already finished", files.dir, len(data.examples) - len(todo), len(data.examples))
+
+    _seed_everything(options.seed)
+    device = options.device
+    warmup = None
+    if mine:
+        if model is None:
+            device = _choose_device(options, ctx)
+            model, tokenizer = loader(options, device)
+        device = str(model_device(model))
+        evaluator = _Evaluator(options, model, tokenizer, data, scorer, ctx.rank)
+        if options.warmup:
+            warmup = evaluator.warm_up(mine[:WARMUP_PROMPTS])
+        evaluator.run(mine, files, progress=progress and ctx.is_main)
+    ctx.barrier()
+
+    if ctx.is_main:
+        summary = _finalize(options, data, files, scorer, model, device or _choose_device(options, ctx), warmup)
+    ctx.barrier()
+    if not ctx.is_main:
+        summary = artifacts.read_json(files.summary)
+    return summary
+
+
+# ---------------------------------------------------------------------------- evaluating rows
+class _Evaluator:
+    """Turns a list of rows into sample records, one batch at a time."""
+
+    def __init__(self, options, model, tokenizer, data, scorer, rank):
+        self.options, self.model, self.tokenizer = options, model, tokenizer
+        self.data, self.scorer, self.rank = data, scorer, rank
+        self.index = {ex.id: i for i, ex in enumerate(data.examples)}
+        self.generation_config = None if options.uses_loglikelihood else build_generation_config(options, tokenizer)
+
+    def _prompt_ids(self, ex: Example) -> list[int]:
+        prompt = build_prompt(self.options.task, ex.doc, self.data.fewshot, mmlu_mode=self.options.mmlu_mode)
+        return render_prompt(self.tokenizer, prompt, chat_template=self.options.chat_template)
+
+    def warm_up(self, rows: list[Example]) -> dict:
+        """One small batch through the same code path, its time and counters discarded."""
+        start = time.perf_counter()
+        if self.options.uses_loglikelihood:
+            self._loglikelihood(rows)
+            extra = {}
+        else:
+            cfg = copy.deepcopy(self.generation_config)
+            cfg.max_new_tokens = min(self.options.max_new_tokens, 2 * self.options.block_size)
+            generate_batch(self.model, self.tokenizer, [self._prompt_ids(ex) for ex in rows], cfg)
+            extra = {"max_new_tokens": cfg.max_new_tokens}
+        return {"batches": 1, "prompts": len(rows), **extra, "seconds": round(time.perf_counter() - start, 4),
+                "counted": False}
+
+    def run(self, rows: list[Example], files: RunFiles, *, progress: bool) -> None:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(rows), desc=f"{self.options.task}/{self.options.config_name()}", unit="prompt",
+                   disable=not progress)
+        size = self.options.batch_size
+        for start in range(0, len(rows), size):
+            batch = rows[start : start + size]
+            if self.options.uses_loglikelihood:
+                records, stats = self._loglikelihood(batch)
+            else:
+                records, stats = self._generate(batch)
+            stats.update(rank=self.rank, size=len(batch), first_id=batch[0].id)
+            files.append(records, stats)
+            bar.update(len(batch))
+            if stats.get("wall_seconds"):
+                bar.set_postfix(tok_s=f"{stats['tokens'] / stats['wall_seconds']:.1f}")
+        bar.close()
+
+    def _generate(self, batch: list[Example]):
+        prompts = [self._prompt_ids(ex) for ex in batch]
+        result = generate_batch(self.model, self.tokenizer, prompts, self.generation_config)
+        task = metrics_task(self.options)
+        records = []
+        for ex, ids, text, count in zip(batch, prompts, result.texts, result.token_counts):
+            scored = self.scorer.score(task, text, ex.doc)
+            records.append(
+                {
+                    "id": ex.id,
+                    "index": self.index[ex.id],
+                    "prediction": text,
+                    "extracted": scored.get("extracted"),
+                    "gold": scored.get("gold"),
+                    "correct": bool(scored.get("correct")),
+                    "metrics": scored.get("metrics", {}),
+                    "prompt_tokens": len(ids),
+                    "generated_tokens": count,
+                }
+            )
+        return records, result.stats
+
+    def _loglikelihood(self, batch: list[Example]):
+        """MMLU: the choice with the highest summed log-probability is the prediction."""
+        conts = [self.tokenizer(c, add_special_tokens=False)["input_ids"]
+                 for c in mmlu_continuations(self.options.chat_template)]
+        contexts, continuations = [], []
+        prompts = [self._prompt_ids(ex) for ex in batch]
+        for ids in prompts:
+            for cont in conts:
+                contexts.append(ids)
+                continuations.append(cont)
+        lls, stats = loglikelihood_batch(self.model, contexts, continuations, self.options.batch_size)
+        records = []
+        for row, (ex, ids) in enumerate(zip(batch, prompts)):
+            scores = lls[row * len(conts) : (row + 1) * len(conts)]
+            choice = max(range(len(scores)), key=scores.__getitem__)
+            correct = choice == ex.doc["answer"]
+            records.append(
+                {
+                    "id": ex.id,
+                    "index": self.index[ex.id],
+                    "prediction": LETTERS[choice],
+                    "extracted": LETTERS[choice],
+                    "gold": ex.doc["answer_letter"],
+                    "correct": correct,
+                    "metrics": {"accuracy": float(correct)},
+                    "loglikelihoods": scores,
+                    "prompt_tokens": len(ids),
+                }
+            )
+        return records, stats
+
+
+# ---------------------------------------------------------------------------- summary
+def _finalize(options, data, files: RunFiles, scorer, model, device, warmup) -> dict:
+    wanted = {ex.id for ex in data.examples}
+    samples = sorted((r for r in files.finished_samples() if r["id"] in wanted), key=lambda r: r["index"])
+    if len(samples) != len(wanted):
+        raise RuntimeError(
+            f"{files.dir}: {len(wanted) - len(samples)} rows have no sample record after the run; rerun to finish them"
+        )
+    batches = files.batch_records()
+    files.consolidate(samples, batches)
+
+    metric_dicts = [s["metrics"] for s in samples]
+    if options.uses_loglikelihood:
+        metrics = {"accuracy": sum(m["accuracy"] for m in metric_dicts) / max(len(metric_dicts), 1)}
+        primary = "accuracy"
+    else:
+        metrics = scorer.aggregate(metrics_task(options), metric_dicts)
+        primary = scorer.primary(metrics_task(options))
+    if options.task == "mmlu":
+        metrics["accuracy_by_subject"] = _by_subject(samples, data)
+    token_kind = "scored (context + continuation)" if options.uses_loglikelihood else "generated (non-pad)"
+    env = environment(device)
+    summary = {
+        "task": options.task,
+        "config": options.config_name(),
+        "primary_metric": primary,
+        "accuracy": metrics.get(primary),
+        "metrics": metrics,
+        "counts": {"samples": len(samples), "correct": sum(1 for s in samples if s["correct"])},
+        "throughput": summarize_throughput(batches, token_kind=token_kind, warmup=warmup),
+        "model": _model_info(options, model, device),
+        "generation": _generation_info(options),
+        "prompting": {
+            "chat_template": options.chat_template,
+            "num_fewshot": options.fewshot,
+            "mmlu_mode": options.mmlu_mode if options.task == "mmlu" else None,
+        },
+        "dataset": data.source,
+        "seed": options.seed,
+        "environment": env,
+        "timestamp": env["timestamp"],
+        "options": options.to_dict(),
+    }
+    artifacts.write_json_atomic(files.summary, summary)
+    logger.info("%s/%s: %s=%s over %d rows -> %s", options.task, summary["config"], primary,
+                summary["accuracy"], len(samples), files.summary)
+    return summary
+
+
+def _by_subject(samples: list[dict], data) -> dict:
+    subject_of = {ex.id: ex.doc["subject"] for ex in data.examples}
+    totals: dict[str, list[int]] = {}
+    for s in samples:
+        t = totals.setdefault(subject_of[s["id"]], [0, 0])
+        t[0] += int(s["correct"])
+        t[1] += 1
+    return {subject: right / n for subject, (right, n) in sorted(totals.items())}
+
+
+def _model_info(options, model, device) -> dict:
+    info = {"path": options.model, "tokenizer": options.tokenizer, "dtype": options.dtype, "device": str(device)}
+    if model is not None:
+        info["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
+        info["num_hidden_layers"] = getattr(model.config, "num_hidden_layers", None)
+        info["class"] = type(model).__name__
+        info["mask_token_id"] = getattr(model.generation_config, "mask_token_id", None)
+    return info
+
+
+def _generation_info(options) -> dict:
+    reuse = None
+    if options.k > 1:
+        reuse = {"k": options.k, "subset": options.subset, "size": options.size, "layers": options.layers,
+                 "mode": options.mode}
+    return {
+        "decoding": "loglikelihood (one masked forward per choice)" if options.uses_loglikelihood else "block diffusion",
+        "k": options.k,
+        "layer_reuse": reuse,
+        "max_new_tokens": options.max_new_tokens,
+        "block_size": options.block_size,
+        "small_block_size": options.small_block_size,
+        "threshold": options.threshold,
+        "use_block_cache": options.use_block_cache,
+        "do_sample": False,
+        "batch_size": options.batch_size,
+    }
+
+
+# ---------------------------------------------------------------------------- helpers
+def _choose_device(options, ctx: ProcessContext) -> str:
+    if ctx.world_size > 1 and ctx.device and options.device in (None, "cuda"):
+        return ctx.device
+    if options.device:
+        return options.device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _exists_any(files: RunFiles) -> bool:
+    return files.has_summary() or bool(files.finished_samples())
