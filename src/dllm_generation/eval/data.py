@@ -123,7 +123,7 @@ def _load_hub_split(task: str, path: str, config: str | None, split: str) -> lis
         ds = datasets.load_dataset(path, name=config, split=split)
     except Exception as err:  # offline, gated, unknown id, bad split: all mean "pass files instead"
         raise DataUnavailableError(
-            f"cannot load {task} data from {tried}: {type(err).__name__}: {err}. "
+            f"cannot load {task} data from {tried}: {type(err).__name__}: {str(err).rstrip('.')}. "
             f"If this machine is offline or the dataset is gated, pass local files: {LOCAL_HINTS[task]}"
         ) from err
     return ds.to_list()

@@ -43,7 +43,7 @@ def load_model_and_tokenizer(options, device: str | None):
     except (OSError, ValueError, EnvironmentError) as err:
         raise ModelUnavailableError(
             f"cannot load model {options.model!r} (dtype={options.dtype}, device={device}): "
-            f"{type(err).__name__}: {err}. Pass a local checkpoint folder with --model PATH "
+            f"{type(err).__name__}: {str(err).rstrip('.')}. Pass a local checkpoint folder with --model PATH "
             "(set HF_HUB_OFFLINE=1 on machines without internet)"
         ) from err
     if tokenizer is None:

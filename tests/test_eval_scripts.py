@@ -1,0 +1,189 @@
+"""Each eval script end to end on a tiny random checkpoint and slices of shared/data (offline)."""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dllm_generation.eval import runner as runner_module
+from dllm_generation.eval.artifacts import read_jsonl
+from dllm_generation.eval.options import EvalOptions
+from dllm_generation.eval.runner import run_eval
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+SCRIPTS = REPO / "eval_scripts"
+pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"shared data folder {DATA} is absent (it sits beside the repo)")
+
+# Small and quick: a low threshold unmasks many tokens per step on a random model.
+FAST = ["--limit", "2", "--batch-size", "2", "--max-new-tokens", "32", "--threshold", "0.05", "--no-warmup"]
+SAMPLE_KEYS = {"id", "index", "prediction", "extracted", "gold", "correct", "metrics"}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from dllm_generation.testing import make_tiny_checkpoint
+
+    path = tmp_path_factory.mktemp("tiny") / "ckpt"
+    return str(make_tiny_checkpoint(str(path), tokenizer_dir=str(DATA / "qwen2_tokenizer"), num_layers=2))
+
+
+def run_script(name: str, argv: list[str], monkeypatch) -> int:
+    """Run eval_scripts/<name>.py as __main__ in this process (the file itself, not a copy of it)."""
+    monkeypatch.setattr(sys, "argv", [str(SCRIPTS / f"{name}.py"), *argv])
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(SCRIPTS / f"{name}.py"), run_name="__main__")
+    return exit_info.value.code
+
+
+def only_run_dir(out: Path, task: str) -> Path:
+    dirs = list((out / task).iterdir())
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+def test_gsm8k_script_writes_summary_and_samples(checkpoint, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "artifacts"
+    argv = ["--model", checkpoint, "--data-files", str(DATA / "gsm8k" / "test.jsonl"), "--output-dir", str(out),
+            "--k", "2", "--subset", "first", "--size", "1", *FAST[:-1]]  # warm-up on
+    assert run_script("gsm8k", argv, monkeypatch) == 0
+    run = only_run_dir(out, "gsm8k")
+    assert run.name == "k2_first1_output_t0.05_n32"
+    assert str(run / "summary.json") in capsys.readouterr().out
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["task"] == "gsm8k" and summary["config"] == run.name
+    assert summary["primary_metric"] == "exact_match_flexible" and summary["accuracy"] is not None
+    assert set(summary["metrics"]) >= {"exact_match_flexible", "exact_match_strict"}
+    tp = summary["throughput"]
+    for key in ("tokens", "wall_seconds", "tokens_per_second", "forwards", "tokens_per_forward", "layer_calls_skipped"):
+        assert tp[key] is not None, key
+    assert tp["layer_calls_skipped"] > 0 and tp["prompts"] == 2
+    assert tp["warmup"]["counted"] is False and tp["warmup"]["prompts"] == 2
+    assert summary["generation"]["layer_reuse"] == {"k": 2, "subset": "first", "size": 1, "layers": None, "mode": "output"}
+    assert summary["model"]["num_hidden_layers"] == 2 and summary["model"]["path"] == checkpoint
+    assert summary["dataset"]["split"] == "test" and summary["dataset"]["count"] == 2 and summary["dataset"]["total"] == 1319
+    assert summary["seed"] == 0 and summary["prompting"]["chat_template"] is True
+    env = summary["environment"]
+    assert env["device_name"] and env["torch"] and env["transformers"] and env["timestamp"]
+    samples = read_jsonl(str(run / "samples.jsonl"))[0]
+    assert [s["id"] for s in samples] == ["gsm8k-0", "gsm8k-1"]
+    assert all(SAMPLE_KEYS <= set(s) and s["generated_tokens"] > 0 for s in samples)
+    assert summary["counts"] == {"samples": 2, "correct": sum(s["correct"] for s in samples)}
+    assert sum(s["generated_tokens"] for s in samples) == tp["generated_tokens"]
+
+
+def _gpqa_csv(path: Path) -> str:
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["Record ID", "Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3"])
+        w.writerow(["r1", "Which gas do plants absorb?", "Carbon dioxide", "Oxygen", "Helium", "Neon"])
+        w.writerow(["r2", "How many legs has a spider?", "Eight", "Six", "Ten", "Four"])
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "task, data, extra, metric",
+    [
+        ("math", "math500/test.jsonl", [], "math_verify"),
+        ("ifeval", "ifeval/input_data.jsonl", [], None),
+        ("mmlu", "mmlu", [], "accuracy"),
+        ("mmlu", "mmlu", ["--mmlu-mode", "generative"], "acc"),
+        ("gpqa", None, ["--k", "3", "--subset", "last", "--size", "1"], "acc"),
+    ],
+    ids=["math", "ifeval", "mmlu-loglikelihood", "mmlu-generative", "gpqa"],
+)
+def test_task_scripts_end_to_end(task, data, extra, metric, checkpoint, tmp_path, monkeypatch):
+    if task == "ifeval":
+        pytest.importorskip("if_verifiable", reason="IFEval scoring needs if-verifiable")
+    files = _gpqa_csv(tmp_path / "gpqa_main.csv") if task == "gpqa" else str(DATA / data)
+    out = tmp_path / "artifacts"
+    argv = ["--model", checkpoint, "--data-files", files, "--output-dir", str(out), *FAST, *extra]
+    assert run_script(task, argv, monkeypatch) == 0
+    run = only_run_dir(out, task)
+    summary = json.loads((run / "summary.json").read_text())
+    samples = read_jsonl(str(run / "samples.jsonl"))[0]
+    assert summary["counts"]["samples"] == len(samples) == 2
+    assert all(SAMPLE_KEYS <= set(s) for s in samples)
+    if metric:
+        assert summary["primary_metric"] == metric
+    assert summary["accuracy"] == pytest.approx(summary["metrics"][summary["primary_metric"]])
+    tp = summary["throughput"]
+    assert tp["tokens"] > 0 and tp["forwards"] > 0 and tp["tokens_per_second"] > 0
+    if task == "mmlu" and not extra:  # loglikelihood: one forward per pair batch, nothing generated
+        assert summary["prompting"]["num_fewshot"] == 5 and summary["dataset"]["fewshot_split"] == "dev"
+        assert tp["generated_tokens"] == 0 and tp["token_kind"].startswith("scored")
+        assert all(len(s["loglikelihoods"]) == 4 and s["prediction"] in "ABCD" for s in samples)
+        assert summary["accuracy"] == sum(s["correct"] for s in samples) / 2
+        assert set(summary["metrics"]["accuracy_by_subject"]) == {"abstract_algebra"}
+    if task == "gpqa":
+        assert run.name.startswith("k3_last1_output")
+        assert tp["layer_calls_skipped"] > 0
+        assert {s["gold"] for s in samples} <= set("ABCD")
+
+
+def test_math_script_runs_as_a_file_despite_its_name(tmp_path):
+    """`python eval_scripts/math.py` must not shadow the standard library's math module."""
+    for name in ("math", "gsm8k"):
+        out = subprocess.run([sys.executable, str(SCRIPTS / f"{name}.py"), "--help"], capture_output=True,
+                             text=True, timeout=300, cwd=tmp_path, stdin=subprocess.DEVNULL)
+        assert out.returncode == 0, out.stderr
+        assert "--data-files" in out.stdout and "--k" in out.stdout
+
+
+def test_unreachable_model_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    argv = ["--model", str(tmp_path / "no-model"), "--data-files", str(DATA / "gsm8k" / "test.jsonl"),
+            "--output-dir", str(tmp_path / "a"), *FAST]
+    assert run_script("gsm8k", argv, monkeypatch) == 1
+    err = capsys.readouterr().err
+    assert "cannot load model" in err and "no-model" in err and "--model PATH" in err
+
+
+def _options(checkpoint, out, **changes):
+    return EvalOptions(task="gsm8k", model=checkpoint, limit=4, batch_size=2, max_new_tokens=32, threshold=0.05,
+                       warmup=False, output_dir=str(out), data_files=[str(DATA / "gsm8k" / "test.jsonl")]).replace(**changes)
+
+
+def test_interrupted_run_resumes_without_recomputing_finished_prompts(checkpoint, tmp_path, monkeypatch):
+    options = _options(checkpoint, tmp_path)
+    first = run_eval(options, progress=False)
+    run = Path(options.run_dir())
+    samples = (run / "samples.jsonl").read_text().splitlines(keepends=True)
+    batches = (run / "batches.jsonl").read_text().splitlines(keepends=True)
+    # What a crash during the second batch leaves: no summary, one finished batch, a torn line.
+    os.remove(run / "summary.json")
+    (run / "samples.jsonl").write_text("".join(samples[:2]) + samples[2][:15])
+    (run / "batches.jsonl").write_text(batches[0])
+
+    generated: list[str] = []
+    real = runner_module.generate_batch
+
+    def counting(model, tokenizer, prompts, cfg):
+        result = real(model, tokenizer, prompts, cfg)
+        generated.extend(result.texts)
+        return result
+
+    monkeypatch.setattr(runner_module, "generate_batch", counting)
+    resumed = run_eval(options, progress=False)
+    assert len(generated) == 2  # only gsm8k-2 and gsm8k-3
+    records = read_jsonl(str(run / "samples.jsonl"))
+    assert records[1] == 0 and [r["id"] for r in records[0]] == ["gsm8k-0", "gsm8k-1", "gsm8k-2", "gsm8k-3"]
+    assert [r["prediction"] for r in records[0]] == [json.loads(line)["prediction"] for line in samples]
+    assert resumed["counts"] == first["counts"] and resumed["metrics"] == first["metrics"]
+    assert resumed["throughput"]["batches"] == 2 and resumed["throughput"]["prompts"] == 4
+
+    def no_loading(*_):
+        raise AssertionError("a finished run must not load the model")
+
+    again = run_eval(options, loader=no_loading, progress=False)
+    assert again["timestamp"] == resumed["timestamp"]
+    bigger = run_eval(options.replace(limit=5, batch_size=1), progress=False)  # a larger --limit adds rows only
+    assert bigger["counts"]["samples"] == 5 and len(generated) == 3
