@@ -70,9 +70,12 @@ def build_report(root: str, *, output: str | None = None, plots: bool = True) ->
         lines.append(f"No summary.json found under `{root}`.")
     devices = sorted({s["environment"].get("device_name", "?") for runs in by_task.values() for s in runs})
     if devices:
+        runs = [s for task_runs in by_task.values() for s in task_runs]
+        warmed = sum(1 for s in runs if s["throughput"].get("warmup", {}).get("batches"))
         lines += [
-            f"Measured on: {', '.join(devices)}. Throughput counts model-call time only and excludes one "
-            "warm-up batch per process; speedup is tokens/s over the mean of the matching k=1 runs.",
+            f"Measured on: {', '.join(devices)}. Throughput counts model-call time only; {warmed} of {len(runs)} "
+            "runs first ran one uncounted warm-up batch per process. Speedup is tokens/s over the mean of the "
+            "matching k=1 runs.",
             "",
         ]
     for task, runs in by_task.items():

@@ -85,6 +85,9 @@ def run_eval(
     options.validate()
     ctx = context or process_context()
     scorer = scorer or MetricsScorer()
+    if options.uses_loglikelihood and options.k > 1 and ctx.is_main:
+        logger.warning("k=%d: layer reuse does not apply to loglikelihood scoring (one forward per choice); "
+                       "use --mmlu-mode generative to measure it", options.k)
     files = RunFiles(options.run_dir(), ctx.rank)
     if options.force and ctx.is_main and _exists_any(files):
         logger.info("--force: removing earlier results in %s", files.dir)
