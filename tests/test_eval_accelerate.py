@@ -56,7 +56,7 @@ def test_two_processes_match_one(tmp_path):
     assert double["throughput"]["processes"] == 2 and single["throughput"]["processes"] == 1
     for key in ("tokens", "forwards", "layer_calls_skipped", "prompts"):
         assert double["throughput"][key] == single["throughput"][key], key
-    assert sorted(os.listdir(run)) == ["batches.jsonl", "samples.jsonl", "summary.json"]  # rank files merged
+    assert sorted(os.listdir(run)) == ["batches.jsonl", "run.json", "samples.jsonl", "summary.json"]  # rank files merged
     assert {b["rank"] for b in read_jsonl(str(run / "batches.jsonl"))[0]} == {0, 1}
     one = read_jsonl(str(tmp_path / "one" / "gsm8k" / single["config"] / "samples.jsonl"))[0]
     two = read_jsonl(str(run / "samples.jsonl"))[0]

@@ -13,7 +13,7 @@ import pytest
 
 from dllm_generation.eval import runner as runner_module
 from dllm_generation.eval.artifacts import read_jsonl
-from dllm_generation.eval.options import EvalOptions
+from dllm_generation.eval.options import EvalOptions, InvalidOptionError
 from dllm_generation.eval.runner import run_eval
 
 REPO = Path(__file__).resolve().parents[1]
@@ -187,3 +187,18 @@ def test_interrupted_run_resumes_without_recomputing_finished_prompts(checkpoint
     assert again["timestamp"] == resumed["timestamp"]
     bigger = run_eval(options.replace(limit=5, batch_size=1), progress=False)  # a larger --limit adds rows only
     assert bigger["counts"]["samples"] == 5 and len(generated) == 3
+
+
+def test_resume_refuses_results_made_with_other_settings(checkpoint, tmp_path):
+    options = _options(checkpoint, tmp_path, limit=2, run_name="same-folder")
+    run_eval(options, progress=False)
+    copy = tmp_path / "other.jsonl"
+    copy.write_text("".join((DATA / "gsm8k" / "test.jsonl").read_text().splitlines(keepends=True)[:2]))
+
+    def no_loading(*_):
+        raise AssertionError("the conflict must be found before loading the model")
+
+    with pytest.raises(InvalidOptionError, match="data_files.*--force"):
+        run_eval(options.replace(data_files=[str(copy)]), loader=no_loading, progress=False)
+    replaced = run_eval(options.replace(data_files=[str(copy)], force=True), progress=False)
+    assert replaced["dataset"]["files"] == [str(copy)]

@@ -66,6 +66,7 @@ def test_config_name_says_what_differs_from_defaults():
                        max_new_tokens=64, chat_template=False, mmlu_mode="generative", use_block_cache=False)
     assert opts.config_name() == "k3_last4_residual_t0.8_nocache_n64_nochat_gen"
     assert EvalOptions(task="gsm8k", k=2, layers=[0, 5]).config_name() == "k2_layers0-5_output"
+    assert EvalOptions(task="gpqa", seed=3, dtype="bfloat16").config_name() == "k1_first12_output_bfloat16_seed3"
     assert EvalOptions(task="gsm8k", run_name="mine", output_dir="out").run_dir() == os.path.join("out", "gsm8k", "mine")
 
 

@@ -8,6 +8,8 @@
   dataset order) at the end.
 - `batches.jsonl`: the same scheme, one line of throughput counters per batch, so a resumed
   run's throughput still covers every prompt.
+- `run.json`: the settings that decide the outputs, written when the run starts; a resumed run
+  with other settings is refused instead of mixing two configurations in one file.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import tempfile
 logger = logging.getLogger(__name__)
 
 SUMMARY = "summary.json"
+IDENTITY = "run.json"
 SAMPLES = "samples.jsonl"
 BATCHES = "batches.jsonl"
 
@@ -94,13 +97,26 @@ class RunFiles:
         paths += sorted(glob.glob(os.path.join(self.dir, f"{stem}.rank*{ext}")))
         return [p for p in paths if os.path.exists(p)]
 
+    @property
+    def identity(self) -> str:
+        return os.path.join(self.dir, IDENTITY)
+
     def has_summary(self) -> bool:
         return os.path.exists(self.summary)
 
     def clear(self) -> None:
         """Remove this run's files (for --force)."""
-        for path in [self.summary, *self._all(SAMPLES), *self._all(BATCHES)]:
-            os.remove(path)
+        for path in [self.summary, self.identity, *self._all(SAMPLES), *self._all(BATCHES)]:
+            if os.path.exists(path):
+                os.remove(path)
+
+    def identity_conflicts(self, identity: dict) -> list[str]:
+        """Settings that differ from those the files in this folder were made with."""
+        if not os.path.exists(self.identity):
+            return []
+        stored = read_json(self.identity)
+        return [f"{k}: {stored.get(k)!r} (stored) != {identity.get(k)!r} (now)"
+                for k in sorted(set(stored) | set(identity)) if stored.get(k) != identity.get(k)]
 
     def repair(self) -> None:
         """Drop torn lines left by a crash, so appends start on a clean line."""

@@ -119,7 +119,7 @@ def main(task: str, argv: list[str] | None = None) -> int:
 
     try:
         summary = run_eval(options)
-    except (DataUnavailableError, ModelUnavailableError) as err:
+    except (DataUnavailableError, ModelUnavailableError, InvalidOptionError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     if _is_main():
@@ -147,7 +147,7 @@ def grid_main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     try:
         outcome = run_grid(cells, max_runs=args.max_runs, say=print if _is_main() else (lambda *a, **k: None))
-    except (DataUnavailableError, ModelUnavailableError) as err:
+    except (DataUnavailableError, ModelUnavailableError, InvalidOptionError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 1 if outcome.failed else 0

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 TASKS = ("gsm8k", "math", "ifeval", "mmlu", "gpqa")
 SUBSETS = ("first", "middle", "last")
@@ -66,7 +66,6 @@ class EvalOptions:
     run_name: str | None = None
     warmup: bool = True
     force: bool = False
-    extra: dict = field(default_factory=dict)
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> "EvalOptions":
@@ -145,7 +144,31 @@ class EvalOptions:
             parts.append(f"{self.num_fewshot}shot")
         if self.task == "mmlu" and self.mmlu_mode == "generative":
             parts.append("gen")
+        if self.dtype != defaults.dtype:
+            parts.append(self.dtype)
+        if self.seed != defaults.seed:
+            parts.append(f"seed{self.seed}")
         return "_".join(parts)
+
+    def identity(self) -> dict:
+        """What decides the outputs of a run: finished samples may only be reused under the same identity.
+
+        Row count (`limit`), batch size, device and bookkeeping flags are left out: a larger
+        --limit extends a run, and greedy decoding does not depend on them.
+        """
+        keep = ("task", "model", "tokenizer", "dtype", "mask_token_id", "k", "subset", "size", "layers", "mode",
+                "block_size", "small_block_size", "threshold", "use_block_cache", "max_new_tokens",
+                "chat_template", "mmlu_mode", "seed", "data_files", "fewshot_files", "dataset",
+                "dataset_config", "split")
+        out = {name: getattr(self, name) for name in keep}
+        out["num_fewshot"] = self.fewshot
+        for name in ("model", "tokenizer"):
+            if out[name] and os.path.exists(out[name]):
+                out[name] = os.path.abspath(out[name])
+        for name in ("data_files", "fewshot_files"):
+            if out[name]:
+                out[name] = [os.path.abspath(p) for p in out[name]]
+        return out
 
     def run_dir(self) -> str:
         return os.path.join(self.output_dir, self.task, self.config_name())

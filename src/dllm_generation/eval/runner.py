@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import random
 import time
 
@@ -28,7 +29,7 @@ from .model_calls import (
     loglikelihood_batch,
     model_device,
 )
-from .options import EvalOptions
+from .options import EvalOptions, InvalidOptionError
 from .prompts import build_prompt, mmlu_continuations, render_prompt
 from .provenance import environment
 from .throughput import summarize_throughput
@@ -93,6 +94,13 @@ def run_eval(
         logger.info("--force: removing earlier results in %s", files.dir)
         files.clear()
     ctx.barrier()
+    identity = options.identity()
+    conflicts = files.identity_conflicts(identity)
+    if conflicts:
+        raise InvalidOptionError(
+            f"{files.dir} holds results made with other settings ({'; '.join(conflicts)}); "
+            "pass --force to replace them, or pick another --output-dir / --run-name"
+        )
 
     data = load_task_data(options)
     if files.has_summary():
@@ -103,6 +111,8 @@ def run_eval(
             return summary
 
     if ctx.is_main:
+        if not os.path.exists(files.identity):
+            artifacts.write_json_atomic(files.identity, identity)
         files.repair()
     ctx.barrier()
     finished = {r["id"] for r in files.finished_samples()}
@@ -338,4 +348,4 @@ def _seed_everything(seed: int) -> None:
 
 
 def _exists_any(files: RunFiles) -> bool:
-    return files.has_summary() or bool(files.finished_samples())
+    return files.has_summary() or os.path.exists(files.identity) or bool(files.finished_samples())
