@@ -37,42 +37,42 @@ def _str_list(text: str) -> list[str]:
 def add_shared_arguments(parser: argparse.ArgumentParser, *, grid: bool = False, mmlu: bool = False) -> None:
     """The arguments every task script and the grid share. In a grid, reuse knobs take lists."""
     m = parser.add_argument_group("model")
-    m.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local checkpoint folder (default: %(default)s)")
-    m.add_argument("--tokenizer", default=None, help="tokenizer folder/id when the checkpoint has none")
-    m.add_argument("--dtype", default=DEFAULTS.dtype, choices=DTYPES, help="default: the checkpoint's (auto)")
-    m.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available; per-process under accelerate)")
+    m.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local checkpoint folder")
+    m.add_argument("--tokenizer", default=None, help="tokenizer folder/id when the checkpoint has none; None = the checkpoint's")
+    m.add_argument("--dtype", default=DEFAULTS.dtype, choices=DTYPES, help="weights dtype; auto = the checkpoint's")
+    m.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...; None = cuda if available (one GPU per process under accelerate)")
     m.add_argument("--mask-token-id", type=int, default=None, help="override the |<MASK>| id")
 
     r = parser.add_argument_group("layer reuse" + (" (comma-separated lists: one run per combination)" if grid else ""))
     if grid:
-        r.add_argument("--k", type=_int_list, default=[1, 2, 3], help="reuse periods (default: 1,2,3)")
-        r.add_argument("--subset", type=_str_list, default=list(SUBSETS), help=f"from {', '.join(SUBSETS)} (default: all)")
-        r.add_argument("--size", type=_int_list, default=[DEFAULTS.size], help="layers in the subset (default: 12)")
-        r.add_argument("--mode", type=_str_list, default=[DEFAULTS.mode], help=f"from {', '.join(REUSE_MODES)} (default: output)")
+        r.add_argument("--k", type=_int_list, default="1,2,3", help="reuse periods")
+        r.add_argument("--subset", type=_str_list, default=",".join(SUBSETS), help=f"from {', '.join(SUBSETS)}")
+        r.add_argument("--size", type=_int_list, default=str(DEFAULTS.size), help="layers in the subset")
+        r.add_argument("--mode", type=_str_list, default=DEFAULTS.mode, help=f"from {', '.join(REUSE_MODES)}")
     else:
         r.add_argument("--k", type=int, default=DEFAULTS.k, help="recompute reused layers every k denoising steps; 1 = no reuse")
         r.add_argument("--subset", default=DEFAULTS.subset, choices=SUBSETS, help="which layers are reused")
-        r.add_argument("--size", type=int, default=DEFAULTS.size, help="how many layers the subset has (default: %(default)s)")
+        r.add_argument("--size", type=int, default=DEFAULTS.size, help="how many layers the subset has")
         r.add_argument("--mode", default=DEFAULTS.mode, choices=REUSE_MODES, help="reuse a layer's output or its residual update")
     r.add_argument("--layers", type=_int_list, default=None, help="explicit layer indices (instead of subset/size)")
 
     d = parser.add_argument_group("decoding (Fast-dLLM v2 defaults)")
-    d.add_argument("--block-size", type=int, default=DEFAULTS.block_size)
-    d.add_argument("--small-block-size", type=int, default=DEFAULTS.small_block_size)
+    d.add_argument("--block-size", type=int, default=DEFAULTS.block_size, help="tokens decoded per block")
+    d.add_argument("--small-block-size", type=int, default=DEFAULTS.small_block_size, help="sub-block size; divides --block-size")
     d.add_argument("--threshold", type=float, default=DEFAULTS.threshold, help="confidence to unmask in parallel")
     d.add_argument("--block-cache", dest="use_block_cache", action=argparse.BooleanOptionalAction, default=True,
-                   help="reuse the current block's K/V between sub-blocks (default: on)")
-    d.add_argument("--max-new-tokens", type=int, default=DEFAULTS.max_new_tokens)
+                   help="reuse the current block's K/V between sub-blocks")
+    d.add_argument("--max-new-tokens", type=int, default=DEFAULTS.max_new_tokens, help="generation budget per prompt")
     d.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="prompts per model call (pairs per forward for MMLU loglikelihood)")
 
     p = parser.add_argument_group("prompts and data")
-    p.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=True, help="default: on")
-    p.add_argument("--num-fewshot", type=int, default=None, help="worked examples per prompt (default: 5 for MMLU, else 0)")
+    p.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=True, help="format prompts with the tokenizer's chat template")
+    p.add_argument("--num-fewshot", type=int, default=None, help="worked examples per prompt (None = 5 for MMLU, else 0)")
     if grid or mmlu:
         p.add_argument("--mmlu-mode", default=DEFAULTS.mmlu_mode, choices=MMLU_MODES,
                        help="MMLU: loglikelihood (one masked forward, as upstream) or generative (layer reuse applies)")
     p.add_argument("--limit", type=int, default=None, help="only the first N rows (quick runs)")
-    p.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    p.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seeds torch/random and the GPQA option shuffle")
     p.add_argument("--data-files", nargs="+", default=None,
                    help="local JSON Lines/JSON/CSV files or folders instead of the Hub (offline use)")
     p.add_argument("--fewshot-files", nargs="+", default=None, help="local few-shot rows (GSM8K train, MMLU dev)")
@@ -81,17 +81,18 @@ def add_shared_arguments(parser: argparse.ArgumentParser, *, grid: bool = False,
     p.add_argument("--split", default=None, help="Hub split to evaluate")
 
     o = parser.add_argument_group("output")
-    o.add_argument("--output-dir", default=DEFAULTS.output_dir, help="artifacts root (default: %(default)s)")
+    o.add_argument("--output-dir", default=DEFAULTS.output_dir, help="artifacts root")
     o.add_argument("--run-name", default=None, help="folder name instead of the one derived from the config")
     o.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
-                   help="run one small uncounted warm-up batch per process (default: on)")
+                   help="run one small uncounted warm-up batch per process")
     o.add_argument("--force", action="store_true", help="recompute even if results exist")
-    o.add_argument("--log-level", default="INFO")
+    o.add_argument("--log-level", default="INFO", help="logging level")
 
 
 def build_parser(task: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=f"{task}.py",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description=f"Evaluate a Fast-dLLM v2 model on {task} with block-diffusion decoding and layer reuse; "
         "writes <output-dir>/" + task + "/<config>/{summary.json,samples.jsonl}. Resumes interrupted runs.",
     )
@@ -115,6 +116,7 @@ def main(task: str, argv: list[str] | None = None) -> int:
         options = options_from_args(task, args).validate()
     except InvalidOptionError as err:
         parser.error(str(err))
+    from .distributed import shutdown
     from .runner import run_eval
 
     try:
@@ -122,6 +124,8 @@ def main(task: str, argv: list[str] | None = None) -> int:
     except (DataUnavailableError, ModelUnavailableError, InvalidOptionError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    finally:
+        shutdown()
     if _is_main():
         print(result_line(summary, options.run_dir()))
     return 0
@@ -130,6 +134,7 @@ def main(task: str, argv: list[str] | None = None) -> int:
 def grid_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="run_grid.py",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Run every k × subset (× size × mode) configuration of one task; configurations whose "
         "summary.json exists are skipped (unless --force), interrupted ones resume.",
     )
@@ -145,17 +150,22 @@ def grid_main(argv: list[str] | None = None) -> int:
         cells = grid_options(base, args.k, args.subset, args.size, args.mode)
     except InvalidOptionError as err:
         parser.error(str(err))
+    from .distributed import shutdown
+
     try:
         outcome = run_grid(cells, max_runs=args.max_runs, say=print if _is_main() else (lambda *a, **k: None))
     except (DataUnavailableError, ModelUnavailableError, InvalidOptionError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    finally:
+        shutdown()
     return 1 if outcome.failed else 0
 
 
 def report_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="report.py", description="Build results.md and plots from artifacts/*/*/summary.json")
-    parser.add_argument("root", nargs="?", default="artifacts", help="artifacts folder (default: %(default)s)")
+    parser = argparse.ArgumentParser(prog="report.py", description="Build results.md and plots from artifacts/*/*/summary.json",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("root", nargs="?", default="artifacts", help="artifacts folder")
     parser.add_argument("--output", default=None, help="markdown path (default: <root>/results.md)")
     parser.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
     args = parser.parse_args(argv)

@@ -59,3 +59,13 @@ def process_context() -> ProcessContext:
     state = PartialState(cpu=cpu, timeout=BARRIER_TIMEOUT)
     device = "cpu" if state.device is None or state.device.type == "cpu" else str(state.device)
     return ProcessContext(rank=state.process_index, world_size=state.num_processes, device=device, _state=state)
+
+
+def shutdown() -> None:
+    """Tear down the process group a multi-process launch opened (avoids NCCL's exit-time warning)."""
+    if launched_world_size() <= 1:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
