@@ -1,0 +1,258 @@
+"""Decoding settings: `LayerReuseConfig` and the diffusion fields read from a `GenerationConfig`.
+
+Everything is validated here, before any compute, with messages that name the field and the
+allowed values. `GenerationConfig` keeps unknown fields as attributes and serialises dataclasses
+through their `to_dict`; a reloaded config therefore holds `layer_reuse` as a plain dict, which
+`LayerReuseConfig.coerce` rehydrates.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+SUBSETS = ("first", "middle", "last")
+REUSE_MODES = ("output", "residual")
+
+# Fields this library adds to GenerationConfig, with their defaults.
+DIFFUSION_DEFAULTS = {
+    "block_size": 32,
+    "small_block_size": 8,
+    "threshold": 0.9,
+    "use_block_cache": True,
+    "layer_reuse": None,
+    "mask_token_id": None,
+}
+
+
+@dataclass
+class LayerReuseConfig:
+    """Recompute `layers` (or a `subset` of `size` layers) only every `k` denoising steps.
+
+    `mode="output"`: on a reuse step a target layer returns its stored output for those positions.
+    `mode="residual"`: it returns its current input plus the stored (output - input), so tokens
+    unmasked since the store still flow through the skipped layer.
+    """
+
+    k: int = 1
+    subset: str | None = "first"
+    size: int = 12
+    layers: list[int] | None = None
+    mode: str = "output"
+
+    def __post_init__(self):
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"LayerReuseConfig.k must be an integer >= 1, got {self.k!r}")
+        if self.mode not in REUSE_MODES:
+            raise ValueError(f"LayerReuseConfig.mode must be one of {list(REUSE_MODES)}, got {self.mode!r}")
+        if self.layers is not None:
+            layers = list(self.layers)
+            if not layers:
+                raise ValueError("LayerReuseConfig.layers must name at least one layer index")
+            for idx in layers:
+                if isinstance(idx, bool) or not isinstance(idx, int) or idx < 0:
+                    raise ValueError(f"LayerReuseConfig.layers must hold non-negative integers, got {idx!r}")
+            if len(set(layers)) != len(layers):
+                dupes = sorted({i for i in layers if layers.count(i) > 1})
+                raise ValueError(f"LayerReuseConfig.layers has duplicate layer indices {dupes}")
+            self.layers = sorted(layers)
+            self.subset = None
+        else:
+            if self.subset not in SUBSETS:
+                raise ValueError(
+                    f"LayerReuseConfig.subset must be one of {list(SUBSETS)} (or give explicit `layers`), got {self.subset!r}"
+                )
+            if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
+                raise ValueError(f"LayerReuseConfig.size must be an integer >= 1, got {self.size!r}")
+
+    def resolve_layers(self, num_layers: int) -> tuple[int, ...]:
+        """The target layer indices for a model of `num_layers` decoder layers.
+
+        first = layers 1..size (layer 0 always runs), middle = `size` layers centred in the stack,
+        last = the final `size` layers.
+        """
+        if self.layers is not None:
+            bad = [i for i in self.layers if i >= num_layers]
+            if bad:
+                raise ValueError(
+                    f"LayerReuseConfig.layers {bad} out of range: the model has {num_layers} layers (0..{num_layers - 1})"
+                )
+            return tuple(self.layers)
+        if self.size >= num_layers:
+            raise ValueError(
+                f"LayerReuseConfig.size must be smaller than the number of layers ({num_layers}), got {self.size}"
+            )
+        if self.subset == "first":
+            start = 1
+        elif self.subset == "middle":
+            start = (num_layers - self.size) // 2
+        else:
+            start = num_layers - self.size
+        return tuple(range(start, start + self.size))
+
+    @property
+    def label(self) -> str:
+        """A short, filesystem-safe name, e.g. `k2-first12-output`."""
+        where = f"{self.subset}{self.size}" if self.layers is None else "layers" + "_".join(map(str, self.layers))
+        return f"k{self.k}-{where}-{self.mode}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LayerReuseConfig":
+        unknown = set(data) - {"k", "subset", "size", "layers", "mode"}
+        if unknown:
+            raise ValueError(f"LayerReuseConfig got unknown fields {sorted(unknown)}")
+        return cls(**data)
+
+    @classmethod
+    def coerce(cls, value) -> "LayerReuseConfig | None":
+        """Accept a config, a dict (as reloaded from JSON) or None."""
+        if value is None or isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            return cls.from_dict(value)
+        raise ValueError(f"layer_reuse must be a LayerReuseConfig, a dict or None, got {type(value).__name__}")
+
+
+@dataclass(frozen=True)
+class DiffusionSettings:
+    """The validated knobs one `generate` call runs with."""
+
+    max_new_tokens: int
+    block_size: int
+    small_block_size: int
+    threshold: float
+    use_block_cache: bool
+    mask_token_id: int
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int
+    do_sample: bool
+    temperature: float
+    top_p: float
+    layer_reuse: LayerReuseConfig | None
+    reuse_layers: tuple[int, ...] = field(default=())
+
+    @property
+    def sub_blocks_per_block(self) -> int:
+        return self.block_size // self.small_block_size
+
+
+def _first_set(*values):
+    for v in values:
+        if v is not None:
+            return v
+    return None
+
+
+def _as_id_tuple(value) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, (list, tuple)):
+        return tuple(int(v) for v in value)
+    if hasattr(value, "tolist"):
+        v = value.tolist()
+        return tuple(int(x) for x in (v if isinstance(v, list) else [v]))
+    return (int(value),)
+
+
+def resolve_settings(
+    call_config, model_config_defaults, model_config, *, num_layers: int, input_length: int = 0
+) -> DiffusionSettings:
+    """Merge the call's GenerationConfig with the model's defaults and validate every field.
+
+    Token ids (mask, eos, pad) and the block size fall back to the model's generation config and
+    `config.bd_size`. Sampling is on only when the call's config sets `do_sample=True` with a
+    positive temperature: the AR sampling defaults that checkpoints ship are not inherited.
+    """
+
+    def get(name):
+        return _first_set(getattr(call_config, name, None), getattr(model_config_defaults, name, None))
+
+    block_size = _first_set(getattr(call_config, "block_size", None), getattr(model_config_defaults, "block_size", None),
+                            getattr(model_config, "bd_size", None), DIFFUSION_DEFAULTS["block_size"])
+    small = _first_set(getattr(call_config, "small_block_size", None), getattr(model_config_defaults, "small_block_size", None),
+                       DIFFUSION_DEFAULTS["small_block_size"])
+    threshold = _first_set(getattr(call_config, "threshold", None), getattr(model_config_defaults, "threshold", None),
+                           DIFFUSION_DEFAULTS["threshold"])
+    use_block_cache = _first_set(getattr(call_config, "use_block_cache", None),
+                                 getattr(model_config_defaults, "use_block_cache", None), DIFFUSION_DEFAULTS["use_block_cache"])
+    for name, value in (("block_size", block_size), ("small_block_size", small)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if block_size % small != 0:
+        raise ValueError(f"small_block_size ({small}) must divide block_size ({block_size})")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not (0 < threshold <= 1):
+        raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
+    if not isinstance(use_block_cache, bool):
+        raise ValueError(f"use_block_cache must be True or False, got {use_block_cache!r}")
+
+    max_new = get("max_new_tokens")
+    if max_new is None and getattr(call_config, "max_length", None) is not None:
+        max_new = int(call_config.max_length) - int(input_length)
+    if max_new is None:
+        logger.warning("neither max_new_tokens nor max_length is set: decoding one block (%d tokens)", block_size)
+        max_new = block_size
+    if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new <= 0:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new!r}")
+
+    mask_id = get("mask_token_id")
+    if mask_id is None:
+        mask_id = getattr(model_config, "mask_token_id", None)
+    if mask_id is None:
+        raise ValueError(
+            "mask_token_id is not set: pass GenerationConfig(mask_token_id=...), load the model with a tokenizer that "
+            "has the '|<MASK>|' token, or set config.mask_token_id"
+        )
+    eos = _as_id_tuple(get("eos_token_id"))
+    pad = get("pad_token_id")
+    if pad is None:
+        pad = eos[0] if eos else int(mask_id)
+    vocab = getattr(model_config, "vocab_size", None)
+    if vocab is not None and not (0 <= int(mask_id) < vocab):
+        raise ValueError(f"mask_token_id {mask_id} is outside the vocabulary (0..{vocab - 1})")
+
+    do_sample = bool(getattr(call_config, "do_sample", False))
+    temperature = getattr(call_config, "temperature", None)
+    temperature = 0.0 if temperature is None else float(temperature)
+    top_p = getattr(call_config, "top_p", None)
+    top_p = 1.0 if top_p is None else float(top_p)
+    if do_sample and temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not (0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if do_sample and temperature == 0:
+        do_sample = False
+    num_beams = getattr(call_config, "num_beams", None)
+    if num_beams not in (None, 1):
+        raise ValueError(f"num_beams must be 1 for block-diffusion decoding, got {num_beams}")
+    nrs = getattr(call_config, "num_return_sequences", None)
+    if nrs not in (None, 1):
+        raise ValueError(f"num_return_sequences must be 1 for block-diffusion decoding, got {nrs}")
+
+    reuse = LayerReuseConfig.coerce(_first_set(getattr(call_config, "layer_reuse", None),
+                                               getattr(model_config_defaults, "layer_reuse", None)))
+    reuse_layers = reuse.resolve_layers(num_layers) if reuse is not None else ()
+    return DiffusionSettings(
+        max_new_tokens=int(max_new),
+        block_size=int(block_size),
+        small_block_size=int(small),
+        threshold=float(threshold),
+        use_block_cache=use_block_cache,
+        mask_token_id=int(mask_id),
+        eos_token_ids=eos,
+        pad_token_id=int(pad),
+        do_sample=do_sample,
+        temperature=temperature if do_sample else 0.0,
+        top_p=top_p,
+        layer_reuse=reuse,
+        reuse_layers=reuse_layers,
+    )

@@ -1,0 +1,178 @@
+"""Load Fast_dLLM hub checkpoints into transformers' own classes, or attach to a loaded model.
+
+A Fast_dLLM_Qwen checkpoint is a Qwen2 checkpoint with the same weight names and a config
+whose `model_type`/`auto_map` point at remote code. We read its config.json ourselves, build a
+`Qwen2Config` from it, and load the weights into `BlockDiffusionQwen2ForCausalLM` (transformers'
+`Qwen2ForCausalLM` plus our `generate`), so `trust_remote_code` is never needed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+
+import torch
+from transformers import AutoTokenizer, PreTrainedModel
+from transformers.models.llama import LlamaConfig, LlamaForCausalLM
+from transformers.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
+
+from .generation import BlockDiffusionGenerationMixin
+
+logger = logging.getLogger(__name__)
+
+MASK_TOKEN = "|<MASK>|"
+FAST_DLLM_MODEL_TYPES = ("Fast_dLLM_Qwen",)
+# Keys of the hub config that only make sense for the remote code.
+_REMOTE_ONLY_KEYS = ("auto_map", "architectures", "model_type", "conplemenrary_mask", "transformers_version")
+
+
+class BlockDiffusionQwen2ForCausalLM(BlockDiffusionGenerationMixin, Qwen2ForCausalLM):
+    """transformers' Qwen2ForCausalLM whose `generate` decodes by block diffusion."""
+
+
+class BlockDiffusionLlamaForCausalLM(BlockDiffusionGenerationMixin, LlamaForCausalLM):
+    """transformers' LlamaForCausalLM whose `generate` decodes by block diffusion."""
+
+
+_DIFFUSION_CLASS_BY_MODEL_TYPE = {
+    "qwen2": (Qwen2Config, BlockDiffusionQwen2ForCausalLM),
+    "llama": (LlamaConfig, BlockDiffusionLlamaForCausalLM),
+}
+SUPPORTED_ARCHITECTURES = ("Fast_dLLM_QwenForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM")
+
+
+def _read_config_dict(pretrained: str, **hub_kwargs) -> dict:
+    if os.path.isdir(pretrained):
+        path = os.path.join(pretrained, "config.json")
+    else:
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(pretrained, "config.json", **hub_kwargs)
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def config_from_hub_dict(raw: dict):
+    """Turn a (Fast_dLLM or plain) config dict into a transformers config of a supported class."""
+    raw = dict(raw)
+    model_type = raw.get("model_type")
+    if model_type in FAST_DLLM_MODEL_TYPES:
+        base_type = "qwen2"
+    elif model_type in _DIFFUSION_CLASS_BY_MODEL_TYPE:
+        base_type = model_type
+    else:
+        raise ValueError(
+            f"unsupported architecture: config model_type={model_type!r}; supported model_type values are "
+            f"{list(FAST_DLLM_MODEL_TYPES) + list(_DIFFUSION_CLASS_BY_MODEL_TYPE)}"
+        )
+    config_cls, model_cls = _DIFFUSION_CLASS_BY_MODEL_TYPE[base_type]
+    for key in _REMOTE_ONLY_KEYS:
+        raw.pop(key, None)
+    config = config_cls(**raw)
+    # Keep the block size the checkpoint was trained with; generate() uses it as its default.
+    if "bd_size" in raw:
+        config.bd_size = int(raw["bd_size"])
+    return config, model_cls
+
+
+def load_model(
+    pretrained: str,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+    mask_token_id: int | None = None,
+    attn_implementation: str = "sdpa",
+    tokenizer: str | None = None,
+    **hub_kwargs,
+):
+    """Load a Fast_dLLM (or Qwen2/Llama) checkpoint for block-diffusion decoding.
+
+    Returns `(model, tokenizer)`; the tokenizer is None when the folder has none. The mask token
+    id is taken from `mask_token_id`, else from the tokenizer's `|<MASK>|`, else from
+    `config.mask_token_id`; it is stored on `model.generation_config.mask_token_id`.
+    """
+    raw = _read_config_dict(pretrained, **hub_kwargs)
+    config, model_cls = config_from_hub_dict(raw)
+    if dtype is None:
+        dtype = raw.get("torch_dtype") or raw.get("dtype") or torch.float32
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype)
+    model = model_cls.from_pretrained(
+        pretrained, config=config, dtype=dtype, attn_implementation=attn_implementation, **hub_kwargs
+    )
+    if device is not None:
+        model.to(device)
+    model.eval()
+    tok = _load_tokenizer(tokenizer or pretrained, **hub_kwargs)
+    _set_diffusion_defaults(model, tok, mask_token_id, raw)
+    return model, tok
+
+
+def _load_tokenizer(source: str, **hub_kwargs):
+    if os.path.isdir(source) and not any(
+        os.path.exists(os.path.join(source, name))
+        for name in ("tokenizer.json", "vocab.json", "tokenizer.model", "tokenizer_config.json")
+    ):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(source, **hub_kwargs)
+    except (OSError, ValueError) as err:
+        logger.warning("no tokenizer loaded from %s: %s", source, err)
+        return None
+
+
+def mask_token_id_from_tokenizer(tokenizer) -> int | None:
+    if tokenizer is None:
+        return None
+    tid = tokenizer.convert_tokens_to_ids(MASK_TOKEN)
+    if tid is None or tid == tokenizer.unk_token_id:
+        return None
+    return int(tid)
+
+
+def _set_diffusion_defaults(model, tokenizer, mask_token_id, raw: dict | None = None) -> None:
+    gc = model.generation_config
+    if mask_token_id is None:
+        mask_token_id = mask_token_id_from_tokenizer(tokenizer)
+    if mask_token_id is None:
+        mask_token_id = getattr(model.config, "mask_token_id", None)
+    if mask_token_id is not None:
+        gc.mask_token_id = int(mask_token_id)
+    bd_size = getattr(model.config, "bd_size", None)
+    if bd_size is not None and getattr(gc, "block_size", None) is None:
+        gc.block_size = int(bd_size)
+    if tokenizer is not None:
+        if gc.pad_token_id is None and tokenizer.pad_token_id is not None:
+            gc.pad_token_id = tokenizer.pad_token_id
+        if gc.eos_token_id is None and tokenizer.eos_token_id is not None:
+            gc.eos_token_id = tokenizer.eos_token_id
+
+
+def attach_block_diffusion(model: PreTrainedModel, *, tokenizer=None, mask_token_id: int | None = None):
+    """Return a block-diffusion view of an already-loaded Qwen2/Llama causal LM.
+
+    The returned model shares every parameter and buffer with `model` (no copy of weights) but is
+    an instance of the block-diffusion subclass; `model` itself is left untouched.
+    """
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in _DIFFUSION_CLASS_BY_MODEL_TYPE or not isinstance(model, PreTrainedModel):
+        raise ValueError(
+            f"unsupported architecture: {type(model).__name__} (model_type={model_type!r}); "
+            f"supported: {list(SUPPORTED_ARCHITECTURES)}"
+        )
+    _, model_cls = _DIFFUSION_CLASS_BY_MODEL_TYPE[model_type]
+    if isinstance(model, model_cls):
+        view = model
+    else:
+        if not isinstance(model, model_cls.__mro__[2]):
+            raise ValueError(f"unsupported architecture: {type(model).__name__}; supported: {list(SUPPORTED_ARCHITECTURES)}")
+        view = copy.copy(model)
+        # Fresh registries so adding a module to one object never changes the other.
+        for registry in ("_modules", "_parameters", "_buffers"):
+            object.__setattr__(view, registry, dict(getattr(model, registry)))
+        view.generation_config = copy.deepcopy(model.generation_config)
+        view.__class__ = model_cls
+    _set_diffusion_defaults(view, tokenizer, mask_token_id)
+    return view
