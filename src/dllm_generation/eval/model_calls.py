@@ -40,7 +40,7 @@ def load_model_and_tokenizer(options, device: str | None):
         kwargs["tokenizer"] = options.tokenizer
     try:
         model, tokenizer = load_model(options.model, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as err:
+    except (OSError, ValueError) as err:
         raise ModelUnavailableError(
             f"cannot load model {options.model!r} (dtype={options.dtype}, device={device}): "
             f"{type(err).__name__}: {str(err).rstrip('.')}. Pass a local checkpoint folder with --model PATH "

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-LETTERS = "ABCD"
+from .data import LETTERS
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 MMLU_INSTRUCTION = "Answer with the letter of the correct option, in the form 'Answer: X'."
 GPQA_INSTRUCTION = (
