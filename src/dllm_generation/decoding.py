@@ -90,8 +90,11 @@ class BlockDiffusionDecoder:
 
     def __init__(self, runner: LayerStackRunner, settings: DiffusionSettings, *,
                  generator: torch.Generator | None = None,
-                 on_block: Callable[[int, list[int]], None] | None = None):
+                 on_block: Callable[[int, list[int]], None] | None = None, trace: bool = False):
         self.runner = runner
+        # Optional per-forward record (tests replay the algorithm from it): one dict per forward.
+        self.trace: list[dict] | None = [] if trace else None
+        self._row_ids: list[int] = []
         self.s = settings
         self.generator = generator
         self.on_block = on_block
@@ -151,6 +154,7 @@ class BlockDiffusionDecoder:
 
         block_serial = 0
         while True:
+            self._row_ids = row_ids
             self._decode_block(block, pad, finished, block_serial)
             block_serial += 1
             # Collect this block's new tokens and decide who leaves the batch.
@@ -337,3 +341,8 @@ class BlockDiffusionDecoder:
         unmask &= is_masked
         block[rows_t[:, None], slots] = torch.where(unmask, tok, current)
         finished[rows_t] |= (unmask & torch.isin(tok, self.eos)).any(dim=-1)
+        if self.trace is not None:
+            unmasked = [[o + j for j, u in enumerate(row) if u] for o, row in zip(sub_starts, unmask.tolist())]
+            self.trace.append({"block": block_serial, "rows": [self._row_ids[r] for r in rows], "kind": kind,
+                               "compute": compute, "sub": [sub_idx[r] for r in rows], "tokens": tokens.shape[1],
+                               "unmasked": unmasked})
