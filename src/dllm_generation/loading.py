@@ -106,8 +106,20 @@ def load_model(
         model.to(device)
     model.eval()
     tok = _load_tokenizer(tokenizer or pretrained, **hub_kwargs)
-    _set_diffusion_defaults(model, tok, mask_token_id, raw)
+    _set_diffusion_defaults(model, tok, mask_token_id)
+    if raw.get("model_type") in FAST_DLLM_MODEL_TYPES:
+        _greedy_by_default(model.generation_config)
     return model, tok
+
+
+def _greedy_by_default(gc) -> None:
+    """Fast_dLLM checkpoints ship Qwen2.5-Instruct's AR sampling defaults (do_sample, T=0.7, top_k,
+    repetition_penalty) that the diffusion decoder never used; decode greedily unless asked."""
+    if gc.do_sample:
+        logger.info("Fast_dLLM checkpoint: ignoring the shipped AR sampling defaults; decoding is greedy by default")
+    gc.do_sample = False
+    for name in ("temperature", "top_p", "top_k", "repetition_penalty"):
+        setattr(gc, name, None)
 
 
 def _load_tokenizer(source: str, **hub_kwargs):
@@ -117,7 +129,8 @@ def _load_tokenizer(source: str, **hub_kwargs):
     ):
         return None
     try:
-        return AutoTokenizer.from_pretrained(source, **hub_kwargs)
+        # The hub config's auto_map must not trigger a trust_remote_code prompt: the tokenizer is stock Qwen2.
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=False, **hub_kwargs)
     except (OSError, ValueError) as err:
         logger.warning("no tokenizer loaded from %s: %s", source, err)
         return None
@@ -132,7 +145,7 @@ def mask_token_id_from_tokenizer(tokenizer) -> int | None:
     return int(tid)
 
 
-def _set_diffusion_defaults(model, tokenizer, mask_token_id, raw: dict | None = None) -> None:
+def _set_diffusion_defaults(model, tokenizer, mask_token_id) -> None:
     gc = model.generation_config
     if mask_token_id is None:
         mask_token_id = mask_token_id_from_tokenizer(tokenizer)
@@ -144,7 +157,9 @@ def _set_diffusion_defaults(model, tokenizer, mask_token_id, raw: dict | None = 
     if bd_size is not None and getattr(gc, "block_size", None) is None:
         gc.block_size = int(bd_size)
     if tokenizer is not None:
-        if gc.pad_token_id is None and tokenizer.pad_token_id is not None:
+        # config.json's pad id (151645 = <|im_end|>) disagrees with the tokenizer's (151643); the
+        # tokenizer's is what batches are padded with, so outputs use it too.
+        if tokenizer.pad_token_id is not None:
             gc.pad_token_id = tokenizer.pad_token_id
         if gc.eos_token_id is None and tokenizer.eos_token_id is not None:
             gc.eos_token_id = tokenizer.eos_token_id
