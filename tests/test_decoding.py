@@ -1,0 +1,212 @@
+"""Core decoding: upstream equivalence, batch invariance, forward accounting, edge lengths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TINY_MASK, generate_new_tokens
+from reference_decoder import reference_decode
+
+from dllm_generation.config import resolve_settings
+from dllm_generation.decoding import BlockDiffusionDecoder
+from dllm_generation.runner import LayerStackRunner
+from dllm_generation.testing import random_prompts
+
+LENGTHS = [5, 31, 32, 33, 64, 70]
+BASE = dict(block_size=32, small_block_size=8, threshold=0.9)
+
+
+def prompts_of(lengths, seed=1):
+    return random_prompts(lengths, TINY_MASK - 8, seed=seed)
+
+
+def decode_with_trace(model, prompt, **gen_kwargs):
+    """Run the decoder directly (one prompt) and return (tokens, stats, trace)."""
+    from transformers import GenerationConfig
+
+    runner = LayerStackRunner(model)
+    settings = resolve_settings(GenerationConfig(**gen_kwargs), model.generation_config, model.config,
+                                num_layers=runner.num_layers)
+    decoder = BlockDiffusionDecoder(runner, settings, trace=True)
+    out = decoder.decode([prompt])
+    return out[0], decoder.stats.as_dict(), decoder.trace
+
+
+@pytest.mark.parametrize("length", LENGTHS)
+def test_batch_one_matches_naive_reference_without_block_cache(tiny_model, length):
+    prompt = prompts_of([length], seed=length)[0]
+    eos = (TINY_MASK - 1,)
+    got, stats = generate_new_tokens(tiny_model, [prompt], max_new_tokens=70, use_block_cache=False, **BASE)
+    want, forwards = reference_decode(tiny_model, prompt, block_size=32, small_block_size=8, threshold=0.9,
+                                      max_new_tokens=70, mask_id=TINY_MASK, eos=eos,
+                                      pad_id=tiny_model.generation_config.pad_token_id)
+    assert got[0][: len(want)] == want
+    assert stats["forwards"] == forwards
+    assert stats["sub_block_forwards"] == 0
+
+
+def _stop_ids_in_different_blocks(alone):
+    """Pick stop ids so that rows stop in different blocks (and one never stops)."""
+    chosen = []
+    for row, block_idx in ((0, 0), (2, 1), (4, 2)):
+        toks = alone[row]
+        window = toks[block_idx * 32 + 4:(block_idx + 1) * 32]
+        for t in window:
+            if t not in chosen and all(t not in alone[r][: block_idx * 32 + 4] for r in range(len(alone))):
+                chosen.append(t)
+                break
+    return chosen
+
+
+@pytest.mark.parametrize("use_block_cache", [False, True])
+def test_batch_invariance_mixed_lengths_and_padding(tiny_model, use_block_cache):
+    prompts = prompts_of(LENGTHS)
+    kw = dict(max_new_tokens=96, use_block_cache=use_block_cache, **BASE)
+    free = [generate_new_tokens(tiny_model, [p], **kw)[0][0] for p in prompts]
+    stops = _stop_ids_in_different_blocks(free)
+    assert len(stops) == 3, "test setup: could not find stop tokens in different blocks"
+    kw["eos_token_id"] = stops
+    alone = [generate_new_tokens(tiny_model, [p], **kw)[0][0] for p in prompts]
+    pad = tiny_model.generation_config.pad_token_id
+    # Rows really do stop in different blocks, and some run to the end.
+    stop_blocks = set()
+    for row in alone:
+        idx = next((i for i, t in enumerate(row) if t in stops), None)
+        stop_blocks.add(None if idx is None else idx // 32)
+    assert len(stop_blocks) >= 3, stop_blocks
+    for side in ("left", "right"):
+        batched, stats = generate_new_tokens(tiny_model, prompts, side=side, **kw)
+        for a, b in zip(alone, batched):
+            assert b[: len(a)] == a
+            assert all(t == pad for t in b[len(a):])
+
+
+def test_rows_all_stop_in_first_block_short_and_boundary_prompts(tiny_model):
+    prompts = prompts_of(LENGTHS, seed=7)
+    free = [generate_new_tokens(tiny_model, [p], max_new_tokens=64, **BASE)[0][0] for p in prompts]
+    # Each row's first generated token is a stop token: every row finishes inside its first block.
+    stops = sorted({row[0] for row in free})
+    outs, stats = generate_new_tokens(tiny_model, prompts, max_new_tokens=64, eos_token_id=stops, **BASE)
+    pad = tiny_model.generation_config.pad_token_id
+    for row in outs:
+        first_stop = next(i for i, t in enumerate(row) if t in stops)
+        assert first_stop < 32
+        assert all(t == pad for t in row[first_stop + 1:])
+    assert stats["commit_forwards"] == 0
+
+
+def test_threshold_one_unmasks_one_token_per_step(tiny_model):
+    prompt = prompts_of([40], seed=3)[0]
+    tokens, stats, trace = decode_with_trace(tiny_model, prompt, max_new_tokens=56, threshold=1.0,
+                                             block_size=32, small_block_size=8, use_block_cache=False)
+    assert all(len(u) == 1 for step in trace for u in step["unmasked"])
+    # 24 masks in the first block (8 prompt tokens), 31 in the second (its first token comes from
+    # the commit forward); one prefill and one commit.
+    assert stats["block_forwards"] == 24 + 31
+    assert stats["forwards"] == 1 + 24 + 1 + 31
+    assert stats["prefill_forwards"] == 1 and stats["commit_forwards"] == 1
+
+
+def replay_block_cache_kinds(trace, block_size=32, small=8, prompt_tail=0):
+    """Recompute, from the unmasking order alone, which forward kind each step must use."""
+    expected = []
+    known_by_block: dict[int, set[int]] = {}
+    seen_block: set[int] = set()
+    for step in trace:
+        b = step["block"]
+        known = known_by_block.setdefault(b, (set(range(prompt_tail)) if b == 0 else set()) | {0})
+        sub = step["sub"][0]
+        first_known = (sub * small) in known
+        expected.append("sub" if (b in seen_block and first_known) else "block")
+        seen_block.add(b)
+        known.update(step["unmasked"][0])
+    return expected
+
+
+@pytest.mark.parametrize("length", [40, 64])
+def test_block_cache_uses_sub_block_forwards_exactly_where_the_algorithm_says(tiny_model, length):
+    prompt = prompts_of([length], seed=11)[0]
+    _, stats, trace = decode_with_trace(tiny_model, prompt, max_new_tokens=64, threshold=1.0,
+                                        block_size=32, small_block_size=8, use_block_cache=True)
+    kinds = [s["kind"] for s in trace]
+    assert kinds == replay_block_cache_kinds(trace, prompt_tail=length % 32)
+    assert all(s["tokens"] == (8 if s["kind"] == "sub" else 32) for s in trace)
+    assert stats["sub_block_forwards"] > 0
+    assert stats["sub_block_forwards"] + stats["block_forwards"] == len(trace)
+
+
+@pytest.mark.parametrize("length", [5, 33, 64])
+def test_block_cache_is_exact_when_the_sub_block_is_the_whole_block(tiny_model, length):
+    """With small_block_size == block_size a sub-block forward re-forwards all 32 tokens, so it
+    rewrites the whole block's K/V exactly as a full forward would. With 8-token sub-blocks the
+    fast path attends to K/V of the other sub-blocks computed at an earlier step (stale by
+    design), so the two paths may legitimately differ there."""
+    prompt = prompts_of([length], seed=5)[0]
+    kw = dict(max_new_tokens=64, block_size=32, small_block_size=32, threshold=0.9)
+    off, s_off = generate_new_tokens(tiny_model, [prompt], use_block_cache=False, **kw)
+    on, s_on = generate_new_tokens(tiny_model, [prompt], use_block_cache=True, **kw)
+    assert on == off
+    assert s_on["sub_block_forwards"] > 0 and s_off["sub_block_forwards"] == 0
+
+
+def test_max_new_tokens_cuts_output_but_whole_blocks_are_decoded(tiny_model):
+    prompt = prompts_of([10], seed=2)[0]
+    short, s1 = generate_new_tokens(tiny_model, [prompt], max_new_tokens=5, **BASE)
+    full, s2 = generate_new_tokens(tiny_model, [prompt], max_new_tokens=22, **BASE)
+    assert len(short[0]) == 5 and short[0] == full[0][:5]
+    assert s1["forwards"] == s2["forwards"]  # the first block (22 new slots) is decoded either way
+
+
+def test_sampling_is_per_row_and_seeded(tiny_model):
+    from transformers import GenerationConfig
+
+    from conftest import pad_batch
+
+    prompt = prompts_of([20], seed=9)[0]
+    ids, mask = pad_batch([prompt, prompt, prompt, prompt])
+    cfg = GenerationConfig(max_new_tokens=32, do_sample=True, temperature=1.5, top_p=0.95, **BASE)
+    torch.manual_seed(0)
+    a = tiny_model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)
+    torch.manual_seed(0)
+    b = tiny_model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)
+    assert torch.equal(a, b)
+    rows = {tuple(r) for r in a[:, ids.shape[1]:].tolist()}
+    assert len(rows) > 1, "every row is sampled, not only row 0"
+    gen = torch.Generator().manual_seed(1)
+    c = tiny_model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg, generator=gen)
+    gen = torch.Generator().manual_seed(1)
+    d = tiny_model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg, generator=gen)
+    assert torch.equal(c, d)
+
+
+def test_streamer_receives_prompt_then_the_returned_tokens(tiny_model):
+    class Collect:
+        def __init__(self):
+            self.chunks, self.ended = [], False
+
+        def put(self, value):
+            self.chunks.append(value.tolist())
+
+        def end(self):
+            self.ended = True
+
+    prompt = prompts_of([12], seed=4)[0]
+    s = Collect()
+    from transformers import GenerationConfig
+
+    out = tiny_model.generate(torch.tensor([prompt]), generation_config=GenerationConfig(max_new_tokens=40, **BASE),
+                              streamer=s)
+    assert s.ended and s.chunks[0] == prompt
+    streamed = [t for c in s.chunks[1:] for t in c]
+    new = out[0, len(prompt):].tolist()
+    stop = tiny_model.generation_config.eos_token_id
+    real = new[: new.index(stop) + 1] if stop in new else new
+    assert len(new) == 40 and streamed == real
+
+
+def test_stats_report_tokens_and_rates(tiny_model):
+    _, stats = generate_new_tokens(tiny_model, prompts_of([7, 40]), max_new_tokens=30, **BASE)
+    assert stats["generated_tokens"] == 60
+    assert stats["tokens_per_forward"] == pytest.approx(60 / stats["forwards"])
+    assert stats["layer_calls"] == 4 * stats["forwards"] and stats["layer_calls_skipped"] == 0
+    assert tiny_model.last_generation_stats == stats
