@@ -70,6 +70,8 @@ def config_from_hub_dict(raw: dict):
     config_cls, model_cls = _DIFFUSION_CLASS_BY_MODEL_TYPE[base_type]
     for key in _REMOTE_ONLY_KEYS:
         raw.pop(key, None)
+    if raw.get("rope_scaling") is None:
+        raw.pop("rope_scaling", None)  # null in the hub file; transformers 5 deprecates the key
     config = config_cls(**raw)
     # Keep the block size the checkpoint was trained with; generate() uses it as its default.
     if "bd_size" in raw:

@@ -1,0 +1,222 @@
+"""HF integration: loading, attach, pipeline, config round trips, input validation, cache API."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import TINY_MASK, pad_batch
+from transformers import GenerationConfig, pipeline
+
+from dllm_generation import (
+    BlockDiffusionCache,
+    BlockDiffusionQwen2ForCausalLM,
+    LayerReuseConfig,
+    attach_block_diffusion,
+    load_model,
+)
+from dllm_generation.testing import random_prompts
+
+BASE = dict(block_size=32, small_block_size=8, threshold=0.9, max_new_tokens=16)
+
+
+def test_hub_format_loads_into_transformers_qwen2_without_remote_code(tiny_path):
+    with open(os.path.join(tiny_path, "config.json")) as f:
+        raw = json.load(f)
+    assert raw["model_type"] == "Fast_dLLM_Qwen" and "auto_map" in raw and raw["bd_size"] == 32
+    model, _ = load_model(tiny_path)
+    assert isinstance(model, BlockDiffusionQwen2ForCausalLM)
+    assert model.config.model_type == "qwen2"
+    assert model.generation_config.mask_token_id == TINY_MASK
+    assert model.generation_config.block_size == 32
+
+
+def test_tokenizer_checkpoint_reads_mask_id_and_decodes_text(tokenizer_path):
+    model, tok = load_model(tokenizer_path)
+    assert model.generation_config.mask_token_id == 151665 == tok.convert_tokens_to_ids("|<MASK>|")
+    assert model.generation_config.pad_token_id == tok.pad_token_id
+    msgs = [[{"role": "user", "content": "What is 2+2?"}], [{"role": "user", "content": "Say hi."}]]
+    texts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in msgs]
+    tok.padding_side = "left"
+    enc = tok(texts, return_tensors="pt", padding=True)
+    out = model.generate(**enc, generation_config=GenerationConfig(**BASE))
+    assert out.shape[0] == 2 and out.shape[1] > enc["input_ids"].shape[1]
+    assert all(isinstance(t, str) for t in tok.batch_decode(out[:, enc["input_ids"].shape[1]:]))
+
+
+def test_text_generation_pipeline(tokenizer_path):
+    model, tok = load_model(tokenizer_path)
+    pipe = pipeline("text-generation", model=model, tokenizer=tok)
+    cfg = GenerationConfig(layer_reuse=LayerReuseConfig(k=2, subset="last", size=1), **BASE)
+    result = pipe("Hello there", generation_config=cfg)
+    assert result[0]["generated_text"].startswith("Hello there")
+    assert model.last_generation_stats["layer_calls_skipped"] > 0
+
+
+def test_generation_config_round_trip_with_diffusion_fields(tmp_path):
+    reuse = LayerReuseConfig(k=3, subset="middle", size=6, mode="residual")
+    cfg = GenerationConfig(use_block_cache=False, layer_reuse=reuse, mask_token_id=5, **BASE)
+    blob = json.loads(cfg.to_json_string())
+    assert blob["layer_reuse"] == reuse.to_dict()
+    cfg.save_pretrained(tmp_path)
+    back = GenerationConfig.from_pretrained(tmp_path)
+    assert back.block_size == 32 and back.small_block_size == 8 and back.threshold == 0.9
+    assert back.use_block_cache is False and back.mask_token_id == 5
+    assert LayerReuseConfig.coerce(back.layer_reuse) == reuse
+
+
+def test_reloaded_config_decodes_like_the_original(tiny_model, tmp_path):
+    reuse = LayerReuseConfig(k=2, subset="first", size=2)
+    cfg = GenerationConfig(layer_reuse=reuse, **BASE)
+    cfg.save_pretrained(tmp_path)
+    back = GenerationConfig.from_pretrained(tmp_path)
+    assert isinstance(back.layer_reuse, dict)
+    ids, mask = pad_batch(random_prompts([9, 40], 500, seed=3))
+    a = tiny_model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)
+    sa = tiny_model.last_generation_stats
+    b = tiny_model.generate(input_ids=ids, attention_mask=mask, generation_config=back)
+    assert torch.equal(a, b) and tiny_model.last_generation_stats["layer_calls_skipped"] == sa["layer_calls_skipped"] > 0
+
+
+def test_attach_to_a_loaded_qwen2_shares_weights_and_leaves_it_untouched(tiny_path):
+    from transformers import Qwen2ForCausalLM
+
+    from dllm_generation.loading import config_from_hub_dict
+
+    with open(os.path.join(tiny_path, "config.json")) as f:
+        config, _ = config_from_hub_dict(json.load(f))
+    plain = Qwen2ForCausalLM.from_pretrained(tiny_path, config=config)
+    view = attach_block_diffusion(plain, mask_token_id=TINY_MASK)
+    assert type(plain) is Qwen2ForCausalLM and isinstance(view, BlockDiffusionQwen2ForCausalLM)
+    assert view.lm_head.weight.data_ptr() == plain.lm_head.weight.data_ptr()
+    assert plain.generation_config.__dict__.get("mask_token_id") is None
+    loaded, _ = load_model(tiny_path)
+    ids = torch.tensor([random_prompts([20], 500, seed=1)[0]])
+    cfg = GenerationConfig(**BASE)
+    assert torch.equal(view.generate(ids, generation_config=cfg), loaded.generate(ids, generation_config=cfg))
+
+
+def test_attach_rejects_unsupported_architecture():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match="unsupported architecture"):
+        attach_block_diffusion(model)
+
+
+def test_load_rejects_unsupported_model_type(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="unsupported architecture.*gpt2"):
+        load_model(str(tmp_path))
+
+
+class ComputeGuard:
+    """Counts embedding calls: validation must fail before any forward."""
+
+    def __init__(self, model):
+        self.calls = 0
+        self.handle = model.model.embed_tokens.register_forward_pre_hook(self._hook)
+
+    def _hook(self, *_):
+        self.calls += 1
+
+    def close(self):
+        self.handle.remove()
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(small_block_size=12), "small_block_size"),
+        (dict(block_size=0), "block_size"),
+        (dict(small_block_size=-8), "small_block_size"),
+        (dict(threshold=0.0), "threshold"),
+        (dict(threshold=1.5), "threshold"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(max_new_tokens=5000), "max_position_embeddings"),
+        (dict(layer_reuse=LayerReuseConfig(k=2, subset="first", size=4)), "size"),
+        (dict(layer_reuse=LayerReuseConfig(k=2, layers=[1, 9])), "layers"),
+        (dict(num_beams=2), "num_beams"),
+    ],
+)
+def test_bad_generation_input_fails_before_compute(tiny_model, overrides, field):
+    cfg = GenerationConfig(**BASE)
+    for key, value in overrides.items():  # set after construction: GenerationConfig validates some itself
+        setattr(cfg, key, value)
+    guard = ComputeGuard(tiny_model)
+    try:
+        with pytest.raises(ValueError, match=field):
+            tiny_model.generate(torch.tensor([[1, 2, 3]]), generation_config=cfg)
+    finally:
+        guard.close()
+    assert guard.calls == 0
+
+
+def test_missing_mask_id_empty_batch_and_empty_row_fail_before_compute(tiny_model):
+    guard = ComputeGuard(tiny_model)
+    saved = tiny_model.generation_config.mask_token_id
+    try:
+        tiny_model.generation_config.mask_token_id = None
+        saved_cfg = getattr(tiny_model.config, "mask_token_id", None)
+        tiny_model.config.mask_token_id = None
+        with pytest.raises(ValueError, match="mask_token_id"):
+            tiny_model.generate(torch.tensor([[1, 2, 3]]), generation_config=GenerationConfig(**BASE))
+        tiny_model.config.mask_token_id = saved_cfg
+        tiny_model.generation_config.mask_token_id = saved
+        with pytest.raises(ValueError, match="empty batch"):
+            tiny_model.generate(torch.zeros((0, 4), dtype=torch.long), generation_config=GenerationConfig(**BASE))
+        with pytest.raises(ValueError, match="row 1 is empty"):
+            tiny_model.generate(torch.tensor([[1, 2], [3, 4]]), attention_mask=torch.tensor([[1, 1], [0, 0]]),
+                                generation_config=GenerationConfig(**BASE))
+    finally:
+        tiny_model.generation_config.mask_token_id = saved
+        guard.close()
+    assert guard.calls == 0
+
+
+def test_model_is_not_patched_by_generate_even_on_error(tiny_model):
+    layer = tiny_model.model.layers[1]
+    before = (dict(vars(layer)).keys(), type(layer).forward, layer.forward.__func__)
+    hooks_before = [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in tiny_model.modules()]
+    cfg = GenerationConfig(layer_reuse=LayerReuseConfig(k=2, layers=[1]), **BASE)
+    tiny_model.generate(torch.tensor([[1, 2, 3]]), generation_config=cfg)
+
+    def boom(*_):
+        raise RuntimeError("boom")
+
+    h = tiny_model.model.layers[2].register_forward_pre_hook(boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        tiny_model.generate(torch.tensor([[1, 2, 3]]), generation_config=cfg)
+    h.remove()
+    after = (dict(vars(layer)).keys(), type(layer).forward, layer.forward.__func__)
+    assert before == after
+    assert hooks_before == [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in tiny_model.modules()]
+
+
+def test_cache_batch_select_reorder_crop_reset():
+    cache = BlockDiffusionCache(num_layers=2, batch_size=3, capacity=64, block_size=32)
+    rows = torch.arange(3)
+    k = torch.randn(3, 2, 32, 4)
+    cache.begin_forward("append", rows=None, row_index=rows)
+    for i in range(2):
+        cache.update(k + i, k - i, i)
+        cache.layers[i].store_reuse(torch.zeros(3, 32, 8), torch.ones(3, 32, 8) * torch.arange(3)[:, None, None],
+                                    torch.tensor([5, 5, 5]), torch.zeros(3, dtype=torch.long))
+    cache.advance(32)
+    assert cache.get_seq_length() == 32
+    cache.batch_select_indices(torch.tensor([2, 0]))
+    assert cache.num_rows == 2
+    for i, layer in enumerate(cache.layers):
+        assert layer.keys.shape[0] == 2 and torch.equal(layer.keys[0, :, :32], k[2] + i)
+        assert layer.reuse_output.shape[0] == 2 and layer.reuse_tag.shape[0] == 2
+        assert torch.equal(layer.reuse_output[:, 0, 0], torch.tensor([2.0, 0.0]))
+    cache.reorder_cache(torch.tensor([1, 0]))
+    assert torch.equal(cache.layers[0].keys[0, :, :32], k[0])
+    cache.crop(-16)
+    assert cache.get_seq_length() == 16
+    with pytest.raises(ValueError):
+        cache.crop(40)
+    cache.reset()
+    assert cache.get_seq_length() == 0 and cache.layers[0].keys.abs().sum() == 0
