@@ -46,14 +46,15 @@ def test_batch_one_matches_naive_reference_without_block_cache(tiny_model, lengt
 
 
 def _stop_ids_in_different_blocks(alone):
-    """Pick stop ids so that rows stop in different blocks (and one never stops)."""
-    chosen = []
-    for row, block_idx in ((0, 0), (2, 1), (4, 2)):
-        toks = alone[row]
-        window = toks[block_idx * 32 + 4:(block_idx + 1) * 32]
-        for t in window:
-            if t not in chosen and all(t not in alone[r][: block_idx * 32 + 4] for r in range(len(alone))):
-                chosen.append(t)
+    """Pick stop ids so that rows stop in blocks 0, 1 and 2 (and others may never stop)."""
+    chosen: list[int] = []
+    for block_idx in (0, 1, 2):
+        lo = block_idx * 32 + 4
+        for row in alone:
+            pick = next((t for t in row[lo:(block_idx + 1) * 32]
+                         if t not in chosen and all(t not in other[:lo] for other in alone)), None)
+            if pick is not None:
+                chosen.append(pick)
                 break
     return chosen
 

@@ -1,0 +1,227 @@
+"""Layer reuse: schedule, zero compute on reuse steps, subsets, batch invariance, both modes."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pytest
+import torch
+from conftest import TINY_MASK, generate_new_tokens
+from test_decoding import _stop_ids_in_different_blocks, replay_block_cache_kinds
+from transformers import GenerationConfig
+
+from dllm_generation import BlockDiffusionCache, LayerReuseConfig
+from dllm_generation.config import resolve_settings
+from dllm_generation.decoding import BlockDiffusionDecoder
+from dllm_generation.runner import LayerStackRunner, ReusePlan
+from dllm_generation.testing import random_prompts
+
+LENGTHS = [5, 31, 32, 33, 64, 70]
+BASE = dict(block_size=32, small_block_size=8, threshold=0.9)
+
+
+def prompts_of(lengths, seed=1):
+    return random_prompts(lengths, TINY_MASK - 8, seed=seed)
+
+
+@pytest.mark.parametrize("subset", ["first", "middle", "last"])
+@pytest.mark.parametrize("use_block_cache", [True, False])
+def test_k1_is_exactly_the_plain_decoder(tiny_model, subset, use_block_cache):
+    prompts = prompts_of(LENGTHS)
+    kw = dict(max_new_tokens=64, use_block_cache=use_block_cache, **BASE)
+    plain, s0 = generate_new_tokens(tiny_model, prompts, **kw)
+    reuse, s1 = generate_new_tokens(tiny_model, prompts, layer_reuse=LayerReuseConfig(k=1, subset=subset, size=2), **kw)
+    assert reuse == plain
+    for key in ("forwards", "block_forwards", "sub_block_forwards", "commit_forwards", "denoising_steps", "layer_calls"):
+        assert s1[key] == s0[key], key
+    assert s1["layer_calls_skipped"] == 0
+    if use_block_cache:
+        assert s1["sub_block_forwards"] > 0
+
+
+class ExecutionCounter:
+    """Counts calls of every decoder layer's attention and MLP modules via forward hooks."""
+
+    def __init__(self, model):
+        self.attn, self.mlp = Counter(), Counter()
+        self.handles = []
+        for i, layer in enumerate(model.model.layers):
+            self.handles.append(layer.self_attn.register_forward_hook(lambda *_, i=i: self.attn.update([i])))
+            self.handles.append(layer.mlp.register_forward_hook(lambda *_, i=i: self.mlp.update([i])))
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def run_decoder(model, prompts, **gen_kwargs):
+    runner = LayerStackRunner(model)
+    settings = resolve_settings(GenerationConfig(**gen_kwargs), model.generation_config, model.config,
+                                num_layers=runner.num_layers)
+    decoder = BlockDiffusionDecoder(runner, settings, trace=True)
+    out = decoder.decode(prompts)
+    return out, decoder
+
+
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("use_block_cache", [True, False])
+@pytest.mark.parametrize("mode", ["output", "residual"])
+def test_skipped_layers_run_zero_times_and_counts_follow_the_schedule(tiny_model, k, use_block_cache, mode):
+    prompt = prompts_of([40], seed=k)[0]
+    counter = ExecutionCounter(tiny_model)
+    try:
+        _, decoder = run_decoder(tiny_model, [prompt], max_new_tokens=64, threshold=1.0, block_size=32,
+                                 small_block_size=8, use_block_cache=use_block_cache,
+                                 layer_reuse=LayerReuseConfig(k=k, layers=[1, 2], mode=mode))
+    finally:
+        counter.close()
+    stats, trace = decoder.stats.as_dict(), decoder.trace
+    # Steps per sub-block, from the trace; the schedule computes at steps 0, k, 2k, ...
+    steps_per_sub = Counter((s["block"], s["sub"][0]) for s in trace)
+    computes = sum(math.ceil(n / k) for n in steps_per_sub.values())
+    fixed_forwards = stats["prefill_forwards"] + stats["commit_forwards"]  # always every layer
+    assert stats["forwards"] == fixed_forwards + len(trace)
+    for i in range(4):
+        expected = stats["forwards"] if i in (0, 3) else fixed_forwards + computes
+        assert counter.attn[i] == counter.mlp[i] == expected == stats["layer_runs"][i], i
+    assert stats["layer_skips"] == [0, len(trace) - computes, len(trace) - computes, 0]
+    assert stats["layer_calls_skipped"] == 2 * (len(trace) - computes) > 0
+    assert [s["compute"] for s in trace] == [
+        idx % k == 0 for idx in _step_index_in_sub_block(trace)
+    ]
+
+
+def _step_index_in_sub_block(trace):
+    seen = Counter()
+    out = []
+    for s in trace:
+        key = (s["block"], s["sub"][0])
+        out.append(seen[key])
+        seen[key] += 1
+    return out
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_block_cache_decision_is_independent_of_layer_reuse(tiny_model, k):
+    prompt = prompts_of([64], seed=21)[0]
+    _, decoder = run_decoder(tiny_model, [prompt], max_new_tokens=64, threshold=1.0, block_size=32,
+                             small_block_size=8, use_block_cache=True, layer_reuse=LayerReuseConfig(k=k, layers=[1]))
+    kinds = [s["kind"] for s in decoder.trace]
+    assert kinds == replay_block_cache_kinds(decoder.trace, prompt_tail=0)
+    assert "sub" in kinds
+
+
+@pytest.mark.parametrize("num_layers, size", [(4, 2), (28, 12), (36, 12), (28, 27)])
+def test_subsets_hold_exactly_size_layers(num_layers, size):
+    first = LayerReuseConfig(subset="first", size=size).resolve_layers(num_layers)
+    middle = LayerReuseConfig(subset="middle", size=size).resolve_layers(num_layers)
+    last = LayerReuseConfig(subset="last", size=size).resolve_layers(num_layers)
+    for layers in (first, middle, last):
+        assert len(layers) == size and len(set(layers)) == size
+        assert list(layers) == list(range(layers[0], layers[0] + size))
+        assert 0 <= layers[0] and layers[-1] < num_layers
+    assert first[0] == 1 and 0 not in first
+    assert last[-1] == num_layers - 1
+    below, above = middle[0], num_layers - 1 - middle[-1]
+    assert abs(below - above) <= 1
+    if (num_layers, size) == (28, 12):
+        assert first == tuple(range(1, 13)) and middle == tuple(range(8, 20)) and last == tuple(range(16, 28))
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(k=0), "k"),
+        (dict(k=1.5), "k"),
+        (dict(subset="inner"), "subset"),
+        (dict(size=0), "size"),
+        (dict(layers=[2, 2, 3]), "duplicate"),
+        (dict(layers=[-1]), "layers"),
+        (dict(mode="blend"), "mode"),
+    ],
+)
+def test_bad_reuse_configs_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        LayerReuseConfig(**kwargs)
+
+
+def test_size_and_layer_range_are_checked_against_the_model():
+    with pytest.raises(ValueError, match="size must be smaller than the number of layers"):
+        LayerReuseConfig(size=4).resolve_layers(4)
+    with pytest.raises(ValueError, match=r"layers \[4\] out of range"):
+        LayerReuseConfig(layers=[1, 4]).resolve_layers(4)
+
+
+@pytest.mark.parametrize("k, mode", [(2, "output"), (3, "output"), (2, "residual"), (3, "residual")])
+def test_batch_invariance_with_layer_reuse(tiny_model, k, mode):
+    prompts = prompts_of(LENGTHS, seed=2)
+    kw = dict(max_new_tokens=96, use_block_cache=True, layer_reuse=LayerReuseConfig(k=k, layers=[1, 2], mode=mode),
+              **BASE)
+    free = [generate_new_tokens(tiny_model, [p], **kw)[0][0] for p in prompts]
+    stops = _stop_ids_in_different_blocks(free)
+    assert len(stops) == 3
+    kw["eos_token_id"] = stops
+    alone = [generate_new_tokens(tiny_model, [p], **kw)[0][0] for p in prompts]
+    batched, stats = generate_new_tokens(tiny_model, prompts, **kw)
+    pad = tiny_model.generation_config.pad_token_id
+    for a, b in zip(alone, batched):
+        assert b[: len(a)] == a and all(t == pad for t in b[len(a):])
+    assert stats["layer_calls_skipped"] > 0
+
+
+def test_reuse_entries_are_trimmed_with_finished_rows(tiny_model):
+    prompts = prompts_of(LENGTHS, seed=2)
+    kw = dict(max_new_tokens=96, use_block_cache=True, layer_reuse=LayerReuseConfig(k=2, layers=[1, 2]), **BASE)
+    free = [generate_new_tokens(tiny_model, [p], **kw)[0][0] for p in prompts]
+    kw["eos_token_id"] = _stop_ids_in_different_blocks(free)
+    runner = LayerStackRunner(tiny_model)
+    settings = resolve_settings(GenerationConfig(**kw), tiny_model.generation_config, tiny_model.config,
+                                num_layers=runner.num_layers)
+    decoder = BlockDiffusionDecoder(runner, settings)
+    seen_rows = []
+    inner = decoder._forward
+
+    def checked_forward(*args, **kwargs):
+        cache: BlockDiffusionCache = decoder.cache
+        for layer in cache.layers:
+            assert layer.keys is None or layer.keys.shape[0] == cache.num_rows
+            assert layer.reuse_output is None or (
+                layer.reuse_output.shape[0] == layer.reuse_tag.shape[0] == cache.num_rows)
+        seen_rows.append(cache.num_rows)
+        return inner(*args, **kwargs)
+
+    decoder._forward = checked_forward
+    decoder.decode(prompts)
+    assert seen_rows[0] == len(prompts) and min(seen_rows) < len(prompts)
+    assert set(decoder.cache.reuse_entry_rows.values()) == {decoder.cache.num_rows}
+
+
+def _one_block_forward(model, tokens, cache, plan):
+    n = tokens.shape[1]
+    runner = LayerStackRunner(model)
+    rows = torch.arange(tokens.shape[0])
+    cache.begin_forward("block", rows=None, row_index=rows)
+    allowed = torch.ones(tokens.shape[0], 1, 1, n, dtype=torch.bool)
+    return runner.hidden_states(tokens, torch.arange(n)[None], allowed, cache, plan)
+
+
+@pytest.mark.parametrize("mode", ["output", "residual"])
+def test_residual_mode_lets_fresh_tokens_through_reused_layers(tiny_model, mode):
+    layers = frozenset({1, 2, 3})  # everything after layer 0 is reused
+    tokens = torch.tensor([prompts_of([8], seed=4)[0] + [TINY_MASK] * 24])
+    cache = BlockDiffusionCache(4, 1, 32, 32)
+    tags, offsets = torch.tensor([0]), torch.tensor([0])
+    plan = ReusePlan(layers, recall=False, residual=mode == "residual", tags=tags, offsets=offsets)
+    stored = _one_block_forward(tiny_model, tokens, cache, plan)
+    fresh = tokens.clone()
+    fresh[0, 10] = 17  # a token unmasked since the store
+    plan = ReusePlan(layers, recall=True, residual=mode == "residual", tags=tags, offsets=offsets)
+    recalled = _one_block_forward(tiny_model, fresh, cache, plan)
+    if mode == "output":
+        assert torch.equal(recalled, stored)  # the new token cannot influence anything after layer 0
+    else:
+        assert not torch.allclose(recalled[0, 10], stored[0, 10])
+        # The changed position's residual stream carries the new token's layer-0 output forward.
+        plain = _one_block_forward(tiny_model, fresh, BlockDiffusionCache(4, 1, 32, 32), None)
+        assert not torch.equal(recalled, plain)  # but reuse is still an approximation
