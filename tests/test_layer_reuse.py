@@ -225,3 +225,29 @@ def test_residual_mode_lets_fresh_tokens_through_reused_layers(tiny_model, mode)
         # The changed position's residual stream carries the new token's layer-0 output forward.
         plain = _one_block_forward(tiny_model, fresh, BlockDiffusionCache(4, 1, 32, 32), None)
         assert not torch.equal(recalled, plain)  # but reuse is still an approximation
+
+
+def test_recall_falls_back_to_compute_when_the_entry_does_not_cover_the_request(tiny_model):
+    """Entries belong to one sub-block and cover the slots stored; anything else computes."""
+    cache = BlockDiffusionCache(4, 2, 64, 32)
+    hidden = torch.randn(2, 8, 64)
+    cache.begin_forward("sub", rows=None, row_index=torch.arange(2), offsets=torch.tensor([8, 16]))
+    cache.layers[1].store_reuse(hidden, hidden + 1, torch.tensor([5, 6]), torch.tensor([8, 16]))
+    covers = cache.layers[1].reuse_covers
+    rows = torch.arange(2)
+    # Same sub-block serial and slots: covered.
+    assert covers(rows, torch.tensor([5, 6]), torch.tensor([8, 16]), torch.tensor([16, 24])).tolist() == [True, True]
+    # A whole-block request is not covered by an 8-slot entry; another sub-block's serial is not either.
+    assert covers(rows, torch.tensor([5, 6]), torch.tensor([0, 0]), torch.tensor([32, 32])).tolist() == [False, False]
+    assert covers(rows, torch.tensor([5, 7]), torch.tensor([8, 16]), torch.tensor([16, 24])).tolist() == [True, False]
+    # The decoder turns an uncovered recall into a compute step.
+    runner = LayerStackRunner(tiny_model)
+    settings = resolve_settings(GenerationConfig(max_new_tokens=32, layer_reuse=LayerReuseConfig(k=2, layers=[1])),
+                                tiny_model.generation_config, tiny_model.config, num_layers=runner.num_layers)
+    decoder = BlockDiffusionDecoder(runner, settings)
+    decoder.cache = cache
+    plans = {0: ("sub", False), 1: ("block", False)}
+    # Row 0: serial for (block 0, sub 1) is 1; make the stored tags match row 0 only.
+    cache.layers[1].reuse_tag[:] = torch.tensor([1, 2])
+    decoder._compute_where_uncovered(plans, [1, 2], 0, 8, torch.device("cpu"))
+    assert plans == {0: ("sub", False), 1: ("block", True)}
