@@ -107,7 +107,7 @@ def load_model(
     if device is not None:
         model.to(device)
     model.eval()
-    tok = _load_tokenizer(tokenizer or pretrained, **hub_kwargs)
+    tok = _load_tokenizer(tokenizer or pretrained, config=model.config, **hub_kwargs)
     _set_diffusion_defaults(model, tok, mask_token_id)
     if raw.get("model_type") in FAST_DLLM_MODEL_TYPES:
         _greedy_by_default(model.generation_config)
@@ -124,15 +124,16 @@ def _greedy_by_default(gc) -> None:
         setattr(gc, name, None)
 
 
-def _load_tokenizer(source: str, **hub_kwargs):
+def _load_tokenizer(source: str, config=None, **hub_kwargs):
     if os.path.isdir(source) and not any(
         os.path.exists(os.path.join(source, name))
         for name in ("tokenizer.json", "vocab.json", "tokenizer.model", "tokenizer_config.json")
     ):
         return None
     try:
-        # The hub config's auto_map must not trigger a trust_remote_code prompt: the tokenizer is stock Qwen2.
-        return AutoTokenizer.from_pretrained(source, trust_remote_code=False, **hub_kwargs)
+        # The hub config.json names remote code (auto_map, Fast_dLLM_Qwen): hand AutoTokenizer the
+        # converted config instead, so it neither prompts for trust_remote_code nor warns.
+        return AutoTokenizer.from_pretrained(source, config=config, trust_remote_code=False, **hub_kwargs)
     except (OSError, ValueError) as err:
         logger.warning("no tokenizer loaded from %s: %s", source, err)
         return None
