@@ -26,6 +26,8 @@ DIFFUSION_DEFAULTS = {
     "use_block_cache": True,
     "layer_reuse": None,
     "mask_token_id": None,
+    # None/True: the static-buffer CUDA-graph fast path where it applies (fast_path.py); False: off.
+    "fast_path": None,
 }
 
 

@@ -90,8 +90,11 @@ class BlockDiffusionDecoder:
 
     def __init__(self, runner: LayerStackRunner, settings: DiffusionSettings, *,
                  generator: torch.Generator | None = None,
-                 on_block: Callable[[int, list[int]], None] | None = None, trace: bool = False):
+                 on_block: Callable[[int, list[int]], None] | None = None, trace: bool = False,
+                 fast_path=None):
         self.runner = runner
+        # Optional `fast_path.FastPathEngine`: runs the denoise/commit forwards (same decisions).
+        self.fast = fast_path
         # Optional per-forward record (tests replay the algorithm from it): one dict per forward.
         self.trace: list[dict] | None = [] if trace else None
         self._row_ids: list[int] = []
@@ -128,7 +131,10 @@ class BlockDiffusionDecoder:
         layout = plan_layout(lengths, bs, s.max_new_tokens)
         batch = len(prompts)
         prefix_len0 = layout.prefix_blocks * bs
-        self.cache = BlockDiffusionCache(runner.num_layers, batch, layout.capacity_blocks * bs, bs)
+        if self.fast is not None:
+            self.cache = self.fast.make_cache(runner.num_layers, batch, layout.capacity_blocks * bs, bs, self.reuse_layers)
+        else:
+            self.cache = BlockDiffusionCache(runner.num_layers, batch, layout.capacity_blocks * bs, bs)
 
         pad = torch.tensor([(layout.prefix_blocks - f) * bs for f in layout.full_blocks], device=dev)
         block = torch.full((batch, bs), s.mask_token_id, dtype=torch.long, device=dev)
@@ -225,6 +231,8 @@ class BlockDiffusionDecoder:
 
     def _commit(self, block: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
         """Forward the clean block into the prefix; its last logits give the next block's first token."""
+        if self.fast is not None:
+            return self.fast.commit(self, block, pad)
         bs, dev, p = self.s.block_size, block.device, self.cache.prefix_len
         positions = (p - pad)[:, None] + torch.arange(bs, device=dev)
         rows = torch.arange(block.shape[0], device=dev)
@@ -266,9 +274,12 @@ class BlockDiffusionDecoder:
             groups = defaultdict(list)
             for r, key in plans.items():
                 groups[key].append(r)
+            if self.fast is not None:
+                self.fast.denoise(self, block, pad, finished, sorted(groups.items()), sub_idx, block_serial)
             for (kind, compute), rows in sorted(groups.items()):
-                self._denoise(block, masked, pad, finished, rows, kind, compute, sub_idx, block_serial,
-                              prefix, ar_sub, n_rows)
+                if self.fast is None:
+                    self._denoise(block, masked, pad, finished, rows, kind, compute, sub_idx, block_serial,
+                                  prefix, ar_sub, n_rows)
                 for r in rows:
                     steps[r] += 1
                     if kind == "block":

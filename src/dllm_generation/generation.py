@@ -18,6 +18,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .config import DIFFUSION_DEFAULTS, resolve_settings
 from .decoding import BlockDiffusionDecoder, plan_layout
+from .fast_path import select_fast_path
 from .runner import LayerStackRunner
 
 
@@ -107,13 +108,16 @@ class BlockDiffusionGenerationMixin:
                 if out:
                     streamer.put(torch.tensor(out))
 
-        decoder = BlockDiffusionDecoder(runner, settings, generator=generator, on_block=on_block)
+        fast, fast_desc = select_fast_path(self, runner, settings, getattr(call_config, "fast_path", None),
+                                           batch=len(prompts), capacity=layout.capacity_blocks * settings.block_size)
+        decoder = BlockDiffusionDecoder(runner, settings, generator=generator, on_block=on_block, fast_path=fast)
         outputs = decoder.decode(prompts)
         if streamer is not None:
             streamer.end()
         stats = decoder.stats.as_dict()
         stats["reuse_layers"] = list(settings.reuse_layers)
         stats["batch_size"] = len(prompts)
+        stats["fast_path"] = fast.describe() if fast is not None else fast_desc
         self.last_generation_stats = stats
 
         width = max(len(o) for o in outputs)
