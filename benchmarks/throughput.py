@@ -62,6 +62,9 @@ def parse_args(argv=None):
     p.add_argument("--subsets", default="first,middle,last")
     p.add_argument("--reuse-size", type=int, default=12, help="layers in the reuse subset")
     p.add_argument("--no-baseline", action="store_true", help="skip the layer_reuse=None runs")
+    p.add_argument("--only", default="",
+                   help="comma list of BATCH:CACHE:REUSE items (e.g. 32:on:k3-first, '*' matches anything): for the "
+                        "batch sizes named there, run only the matching configs")
     p.add_argument("--fast-path", default="on,off",
                    help="paths to run: on (default fast path), off (plain), eager, graphs, compile")
     p.add_argument("--plain-grid", choices=("all", "baseline", "none"), default="all",
@@ -70,6 +73,9 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=1, help="timed runs per config (the median is reported)")
     p.add_argument("--warmup", choices=("full", "short", "none"), default="full",
                    help="full: one untimed run of the same workload before timing; short: 2 blocks")
+    p.add_argument("--short-warmup-batches", default="",
+                   help="batch sizes whose fast-path warm-up is 2 blocks only (batch 1 meets every pass shape in 2 "
+                        "blocks; a timed run's 'captures' in the JSON shows any shape it met first)")
     p.add_argument("--init-std", type=float, default=0.02)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json-out", default=None, help="write all results (and environment) here, updated after every run")
@@ -77,6 +83,10 @@ def parse_args(argv=None):
     p.add_argument("--profile-tokens", type=int, default=64)
     p.add_argument("--agreement", action="store_true",
                    help="also check fast vs plain tokens on a shallow model with peaky random weights (decisive logits)")
+    p.add_argument("--graph-check", default=None,
+                   help="comma list of batch sizes: on the benchmark model, compare the fast path with CUDA graphs "
+                        "(graphs) against the same code run eagerly (eager), block cache on, k2-first, 64 new tokens: "
+                        "identical kernels, so tokens must agree exactly")
     p.add_argument("--time-budget", type=float, default=None, help="stop starting new runs after this many seconds")
     args = p.parse_args(argv)
     if args.tiny:
@@ -208,6 +218,14 @@ def reuse_grid(args):
     return grid
 
 
+def selected(args, batch: int, cache: bool, label: str) -> bool:
+    items = [tuple(i.split(":")) for i in _csv(args.only)]
+    mine = [i for i in items if i[0] in (str(batch), "*")]
+    if not mine:
+        return True
+    return any(c in ("*", "on" if cache else "off") and r in ("*", label) for _, c, r in mine)
+
+
 def agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
     equal = (a == b)
     first = []
@@ -261,6 +279,8 @@ def main(argv=None):
                     if path == "off" and (batch not in plain_batches or (args.plain_grid == "baseline" and reuse is not None)
                                           or args.plain_grid == "none"):
                         continue
+                    if not selected(args, batch, cache, label):
+                        continue
                     if out_of_time():
                         results["errors"].append({"skipped": "time budget", "batch": batch, "cache": cache,
                                                   "reuse": label, "path": path})
@@ -269,7 +289,8 @@ def main(argv=None):
                     try:
                         warm = 0.0
                         if args.warmup != "none" and (path != "off" or batch not in warmed_plain):
-                            n = args.new_tokens if (args.warmup == "full" and path != "off") else 2 * args.block_size
+                            short = args.warmup == "short" or path == "off" or batch in _csv(args.short_warmup_batches, int)
+                            n = 2 * args.block_size if short else args.new_tokens
                             t0 = time.perf_counter()
                             run_one(model, args, ids, mask, cache=cache, reuse=reuse, path=path, new_tokens=n)
                             warm = time.perf_counter() - t0
@@ -326,6 +347,18 @@ def main(argv=None):
                 print(f"profile {path}: FAILED {type(err).__name__}: {err}", flush=True)
             save()
 
+    if args.graph_check:
+        results["graph_check"] = []
+        for batch in _csv(args.graph_check, int):
+            try:
+                results["graph_check"].append(graph_check(model, args, vocab_high, batch))
+                print("graph check:", json.dumps(results["graph_check"][-1]), flush=True)
+            except Exception as err:
+                results["errors"].append({"run": f"graph check b{batch}", "error": f"{type(err).__name__}: {err}",
+                                          "traceback": traceback.format_exc()[-3000:]})
+                print(f"graph check b{batch}: FAILED {type(err).__name__}: {err}", flush=True)
+            save()
+
     if args.agreement and not out_of_time():
         del model
         if args.device.startswith("cuda"):
@@ -361,6 +394,18 @@ def profile_run(model, args, vocab_high, path):
             "ms_per_forward": round(1000 * wall / stats["forwards"], 3),
             "device_busy_ms": round(cuda_total, 1), "device_busy_fraction": round(cuda_total / (1000 * wall), 3),
             "table": table}
+
+
+def graph_check(model, args, vocab_high, batch):
+    from dllm_generation import LayerReuseConfig
+
+    ids, mask = make_prompts(args, batch, vocab_high, seed_offset=3)
+    reuse = LayerReuseConfig(k=2, subset="first", size=args.reuse_size)
+    seqs = {}
+    for path in ("eager", "graphs", "compile"):
+        seqs[path], stats, wall = run_one(model, args, ids, mask, cache=True, reuse=reuse, path=path, new_tokens=64)
+    return {"batch": batch, "graphs_vs_eager": agreement(seqs["graphs"], seqs["eager"]),
+            "compile_vs_graphs": agreement(seqs["compile"], seqs["graphs"])}
 
 
 def agreement_check(raw, args, vocab_high, batches):
@@ -420,6 +465,12 @@ def render_table(results) -> str:
         for a in results["agreement_check"]:
             lines.append(f"  b{a['batch']} cache={'on' if a['cache'] else 'off'} {a['reuse']}: agreement {a['token_agreement']:.4f}, "
                          f"{a['rows_identical']}/{a['rows']} rows identical")
+    modes = sorted({r["fast_path"]["mode"] for r in runs if isinstance(r.get("fast_path"), dict)})
+    if modes:
+        lines.append(f"fast path modes used by path=on/graphs/compile runs: {', '.join(modes)}")
+    for g in results.get("graph_check", []):
+        lines.append(f"graph check b{g['batch']}: graphs vs eager agreement {g['graphs_vs_eager']['token_agreement']}, "
+                     f"compile vs graphs {g['compile_vs_graphs']['token_agreement']}")
     for e in results["errors"]:
         lines.append(f"error: {e.get('run', e)}: {e.get('error', '')}")
     return "\n".join(lines)

@@ -53,10 +53,11 @@ def test_fast_path_equals_plain_path_tokens_and_stats(tiny_model, use_block_cach
         assert fs["sub_block_forwards"] > 0 and fs["block_forwards"] > 0
 
 
-def test_fast_path_equals_plain_when_rows_stop_in_different_blocks(tiny_model):
-    """Rows leaving the batch compact the static buffers in place."""
+@pytest.mark.parametrize("mode", ["output", "residual"])
+def test_fast_path_equals_plain_when_rows_stop_in_different_blocks(tiny_model, mode):
+    """Rows leaving the batch compact the static buffers (K/V and reuse entries) in place."""
     prompts = prompts_of(LENGTHS, seed=5)
-    kw = dict(max_new_tokens=96, layer_reuse=LayerReuseConfig(k=2, subset="first", size=2), **BASE)
+    kw = dict(max_new_tokens=96, layer_reuse=LayerReuseConfig(k=2, subset="first", size=2, mode=mode), **BASE)
     free, _ = generate_new_tokens(tiny_model, prompts, fast_path=False, **kw)
     stops = []
     for row, block_idx in ((0, 0), (2, 1), (4, 2)):

@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import math
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,8 +41,9 @@ import torch.nn.functional as F
 logger = logging.getLogger(__name__)
 
 FAST_PATH_MODES = (None, True, False, "eager", "graphs", "compile")
+# None/True: "compile" where Triton is available, else "graphs" (both need CUDA).
 _ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-MAX_GRAPHS = 512
+MAX_GRAPHS = 512  # captured passes kept per model; the least recently replayed one is dropped beyond
 MAX_EOS = 16
 
 
@@ -160,6 +162,7 @@ class _Store:
         self.keys = [torch.zeros(kv_shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(kv_shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.reuse: dict[int, dict[str, torch.Tensor]] = {}
+        self.reuse_meta: dict[str, torch.Tensor] | None = None
         t_max = rows * block_size
         # Integer inputs of a pass, one buffer so that one copy fills them (see `_Meta`).
         self.layout = {"rows_T": t_max, "bslot_T": t_max, "rows_b": rows, "rows_s": rows, "rows_R": rows,
@@ -193,13 +196,19 @@ class _Store:
     def reuse_entry(self, layer: int) -> dict[str, torch.Tensor]:
         entry = self.reuse.get(layer)
         if entry is None:
+            if self.reuse_meta is None:
+                # Every target layer stores in the same passes with the same rows, tags and slots,
+                # so one tag/start/end serves them all (one write per pass instead of one per layer).
+                self.reuse_meta = {
+                    "reuse_tag": torch.full((self.rows,), -1, dtype=torch.long, device=self.device),
+                    "reuse_start": torch.zeros(self.rows, dtype=torch.long, device=self.device),
+                    "reuse_end": torch.zeros(self.rows, dtype=torch.long, device=self.device),
+                }
             shape = (self.rows, self.block_size, self.hidden)
             entry = {
                 "reuse_output": torch.zeros(shape, dtype=self.dtype, device=self.device),
                 "reuse_input": torch.zeros(shape, dtype=self.dtype, device=self.device),
-                "reuse_tag": torch.full((self.rows,), -1, dtype=torch.long, device=self.device),
-                "reuse_start": torch.zeros(self.rows, dtype=torch.long, device=self.device),
-                "reuse_end": torch.zeros(self.rows, dtype=torch.long, device=self.device),
+                **self.reuse_meta,
             }
             self.reuse[layer] = entry
         return entry
@@ -260,10 +269,18 @@ def _static_cache_class():
                     setattr(layer, name, view)
                 entry = self.store.reuse.get(i)
                 if entry is not None and layer.reuse_output is not None:
-                    for name, base in entry.items():
-                        kept = getattr(layer, name).index_select(0, idx)
-                        base[:n].copy_(kept)
+                    for name in ("reuse_output", "reuse_input"):
+                        base = entry[name]
+                        base[:n].copy_(getattr(layer, name).index_select(0, idx))
                         setattr(layer, name, base[:n])
+            meta = self.store.reuse_meta
+            if meta is not None:
+                for name, base in meta.items():
+                    base[:n].copy_(base[: self.num_rows].index_select(0, idx))
+                for layer in self.layers:
+                    if layer.reuse_output is not None:
+                        for name, base in meta.items():
+                            setattr(layer, name, base[:n])
             self.num_rows = n
 
         def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -298,7 +315,7 @@ class FastPathEngine:
     def __init__(self, runner, *, graphs: bool, compile_layers: bool):
         self.graphs_enabled = graphs
         self.compile_layers = compile_layers
-        self.graphs: dict[PassKey, torch.cuda.CUDAGraph] = {}
+        self.graphs: "OrderedDict[PassKey, torch.cuda.CUDAGraph]" = OrderedDict()
         self.pool = None
         self.store: _Store | None = None
         self.captures = 0
@@ -306,6 +323,9 @@ class FastPathEngine:
         self.replays = 0
         self.eager_passes = 0
         self.graph_failure: str | None = None
+        self.compile_failure: str | None = None
+        self.compile_checked = False
+        self.evictions = 0
         self._runner_ref = None
         self._bind(runner)
 
@@ -390,7 +410,8 @@ class FastPathEngine:
         return {"mode": "compile" if self.compile_layers else ("graphs" if self.graphs_enabled else "eager"),
                 "graphs_held": len(self.graphs), "captures": self.captures - c0,
                 "capture_seconds": round(self.capture_seconds - s0, 3), "replays": self.replays - r0,
-                "eager_passes": self.eager_passes - e0, "graph_failure": self.graph_failure}
+                "eager_passes": self.eager_passes - e0, "graph_failure": self.graph_failure,
+                "compile_failure": self.compile_failure, "evictions": self.evictions}
 
     # -- one pass (the graphed region) -------------------------------------------------------
     def _attend(self, q, keys, values, rows, contiguous: bool, mask):
@@ -453,10 +474,12 @@ class FastPathEngine:
             if key.mode == "store" and i in reuse:
                 entry = st.reuse[i]
                 entry["reuse_output"][rows_T, bslot_T] = x
-                entry["reuse_input"][rows_T, bslot_T] = x_in
-                entry["reuse_tag"][rows_R] = f["tags"][:n_rows]
-                entry["reuse_start"][rows_R] = f["start"][:n_rows]
-                entry["reuse_end"][rows_R] = f["end"][:n_rows]
+                if key.residual:  # only residual recalls read the stored input
+                    entry["reuse_input"][rows_T, bslot_T] = x_in
+        if key.mode == "store":
+            st.reuse_meta["reuse_tag"][rows_R] = f["tags"][:n_rows]
+            st.reuse_meta["reuse_start"][rows_R] = f["start"][:n_rows]
+            st.reuse_meta["reuse_end"][rows_R] = f["end"][:n_rows]
         picked = x[f["pick"][: n_rows * key.n_pick]]
         logits = runner.logits(runner.norm(picked))
         logits[:, key.mask_id].fill_(-math.inf)
@@ -481,13 +504,27 @@ class FastPathEngine:
         graph = self.graphs.get(key)
         if graph is not None:
             graph.replay()
+            self.graphs.move_to_end(key)
             self.replays += 1
             return
         # First time: the eager run does the real work (it is also the warm-up the capture needs).
-        self._pass(key)
+        if self.compile_layers and not self.compile_checked:
+            try:
+                self._pass(key)  # compiles the layer functions
+            except Exception as err:  # compiling is an optimisation: fall back to the plain functions
+                self.compile_failure = f"{type(err).__name__}: {str(err)[:500]}"
+                logger.warning("fast path: torch.compile failed, continuing without it: %s", self.compile_failure)
+                self.pre, self.post = _pre_attention, _post_attention
+                self._pass(key)  # idempotent: recomputes and rewrites everything the failed run touched
+            self.compile_checked = True
+        else:
+            self._pass(key)
         self.eager_passes += 1
-        if not self.graphs_enabled or self.graph_failure is not None or len(self.graphs) >= MAX_GRAPHS:
+        if not self.graphs_enabled or self.graph_failure is not None:
             return
+        while len(self.graphs) >= MAX_GRAPHS:
+            self.graphs.popitem(last=False)
+            self.evictions += 1
         import time
 
         t0 = time.perf_counter()
@@ -637,7 +674,7 @@ def select_fast_path(model, runner, settings, requested, *, batch: int, capacity
         (logger.warning if forced or requested is True else logger.info)("fast path not used: %s", reason)
         return None, f"off ({reason})"
     graphs = requested != "eager"
-    compile_layers = requested == "compile"
+    compile_layers = requested == "compile" or (requested in (None, True) and _triton_available())
     engine = _ENGINES.get(model)
     if engine is None or engine.graphs_enabled != graphs or engine.compile_layers != compile_layers:
         engine = FastPathEngine(runner, graphs=graphs, compile_layers=compile_layers)
@@ -652,6 +689,14 @@ def select_fast_path(model, runner, settings, requested, *, batch: int, capacity
         return None, "off (static buffers do not fit in device memory)"
     engine.begin_call()
     return engine, engine.describe()["mode"]
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
 
 
 def release(model) -> None:
