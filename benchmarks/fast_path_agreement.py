@@ -1,0 +1,37 @@
+"""Token agreement of every fast-path variant with the plain path, in float32 and bf16.
+
+A 4-layer model of the hub config's width with peaky random weights, batch 1 and 8, block cache off
+and on. float32 isolates logic errors (every variant must equal the plain path); bf16 shows what
+rounding alone does. Usage (GPU): python benchmarks/fast_path_agreement.py [path/to/config.json]
+"""
+import os
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE); sys.path.insert(0, os.path.join(HERE, "..", "src"))
+CONFIG = sys.argv[1] if len(sys.argv) > 1 else ".devdata/config.json"
+import throughput as T  # noqa: E402
+
+for dtype in ("float32", "bfloat16"):
+    args = T.parse_args(["--config", CONFIG, "--dtype", dtype, "--new-tokens", "64"])
+    if args.device is None: args.device = "cuda"
+    raw = T.load_hub_config(args)
+    model = T.build_model(raw, args, num_layers=4, peaky=True)
+    vocab_high = min(int(raw["vocab_size"]) - 8, T.PAD_ID)
+    for batch in (1, 8):
+        ids, mask = T.make_prompts(args, batch, vocab_high, seed_offset=7)
+        for cache in (False, True):
+            outs = {}
+            for path in ("off", "eager", "graphs", "compile"):
+                try:
+                    seq, st, _ = T.run_one(model, args, ids, mask, cache=cache, reuse=None, path=path, new_tokens=64)
+                    outs[path] = (seq, st["forwards"])
+                except Exception as e:
+                    print("FAIL", dtype, batch, cache, path, type(e).__name__, str(e)[:200], flush=True)
+            ref = outs.get("off")
+            for p, (seq, f) in outs.items():
+                print(dtype, "b", batch, "cache", cache, p, "vs plain:", T.agreement(seq, ref[0])["token_agreement"],
+                      "fwd", f, "vs", ref[1], flush=True)
+    del model; torch.cuda.empty_cache()
