@@ -36,6 +36,7 @@ needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"shared data folder {
         ({"layers": [1, 1]}, "layers=[1, 1]", "distinct"),
         ({"task": "math", "num_fewshot": 3}, "num_fewshot=3", "allowed: 0"),
         ({"mmlu_mode": "generative"}, "mmlu_mode='generative'", "only applies to task 'mmlu'"),
+        ({"fast_path": "turbo"}, "fast_path='turbo'", "on, off, graphs, compile"),
     ],
 )
 def test_bad_options_name_field_and_allowed_values(changes, field, allowed):
@@ -68,6 +69,18 @@ def test_config_name_says_what_differs_from_defaults():
     assert EvalOptions(task="gsm8k", k=2, layers=[0, 5]).config_name() == "k2_layers0-5_output"
     assert EvalOptions(task="gpqa", seed=3, dtype="bfloat16").config_name() == "k1_first12_output_bfloat16_seed3"
     assert EvalOptions(task="gsm8k", run_name="mine", output_dir="out").run_dir() == os.path.join("out", "gsm8k", "mine")
+    assert EvalOptions(task="gsm8k", fast_path="compile").config_name() == "k1_first12_output_fastcompile"
+
+
+@pytest.mark.parametrize("flag, value", [("on", None), ("off", False), ("graphs", "graphs"), ("compile", "compile")])
+def test_fast_path_flag_reaches_the_generation_config(flag, value):
+    from types import SimpleNamespace
+
+    from dllm_generation.eval.model_calls import build_generation_config
+
+    tok = SimpleNamespace(pad_token_id=0, eos_token_id=1)
+    cfg = build_generation_config(EvalOptions(task="gsm8k", fast_path=flag).validate(), tok)
+    assert cfg.fast_path is value
 
 
 # ---------------------------------------------------------------------------- data

@@ -12,6 +12,7 @@ from .model_calls import ModelUnavailableError
 from .options import (
     DEFAULT_MODEL,
     DTYPES,
+    FAST_PATHS,
     MMLU_MODES,
     REUSE_MODES,
     SUBSETS,
@@ -62,6 +63,8 @@ def add_shared_arguments(parser: argparse.ArgumentParser, *, grid: bool = False,
     d.add_argument("--threshold", type=float, default=DEFAULTS.threshold, help="confidence to unmask in parallel")
     d.add_argument("--block-cache", dest="use_block_cache", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the current block's K/V between sub-blocks")
+    d.add_argument("--fast-path", default=DEFAULTS.fast_path, choices=FAST_PATHS,
+                   help="GPU fast path: on (CUDA graphs where it applies), off (plain path), graphs, compile (faster; bf16 rounding differs)")
     d.add_argument("--max-new-tokens", type=int, default=DEFAULTS.max_new_tokens, help="generation budget per prompt")
     d.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="prompts per model call (pairs per forward for MMLU loglikelihood)")
 

@@ -64,6 +64,8 @@ def build_generation_config(options, tokenizer):
 
     from dllm_generation import LayerReuseConfig
 
+    from .options import FAST_PATH_VALUES
+
     reuse = None
     if options.k > 1:
         reuse = LayerReuseConfig(
@@ -76,6 +78,7 @@ def build_generation_config(options, tokenizer):
         small_block_size=options.small_block_size,
         threshold=options.threshold,
         use_block_cache=options.use_block_cache,
+        fast_path=FAST_PATH_VALUES[options.fast_path],
         layer_reuse=reuse,
         do_sample=False,
         eos_token_id=tokenizer.eos_token_id,

@@ -14,6 +14,9 @@ TASKS = ("gsm8k", "math", "ifeval", "mmlu", "gpqa")
 SUBSETS = ("first", "middle", "last")
 REUSE_MODES = ("output", "residual")
 MMLU_MODES = ("loglikelihood", "generative")
+# GPU fast path of generate(): on = where it applies (CUDA graphs), off = plain path, compile = graphs + torch.compile.
+FAST_PATHS = ("on", "off", "graphs", "compile")
+FAST_PATH_VALUES = {"on": None, "off": False, "graphs": "graphs", "compile": "compile"}
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 DEFAULT_MODEL = "Efficient-Large-Model/Fast_dLLM_v2_7B"
@@ -48,6 +51,7 @@ class EvalOptions:
     small_block_size: int = 8
     threshold: float = 0.9
     use_block_cache: bool = True
+    fast_path: str = "on"
     max_new_tokens: int = 2048
     batch_size: int = 8
     # prompts and data
@@ -75,6 +79,7 @@ class EvalOptions:
         _choice("mode", self.mode, REUSE_MODES)
         _choice("mmlu_mode", self.mmlu_mode, MMLU_MODES)
         _choice("dtype", self.dtype, DTYPES)
+        _choice("fast_path", self.fast_path, FAST_PATHS)
         _at_least("k", self.k, 1)
         _at_least("size", self.size, 1)
         _at_least("block_size", self.block_size, 1)
@@ -136,6 +141,8 @@ class EvalOptions:
             parts.append(f"t{self.threshold:g}")
         if not self.use_block_cache:
             parts.append("nocache")
+        if self.fast_path != defaults.fast_path:  # bf16 rounding differs between paths
+            parts.append(f"fast{self.fast_path}")
         if self.max_new_tokens != defaults.max_new_tokens:
             parts.append(f"n{self.max_new_tokens}")
         if not self.chat_template:
@@ -157,7 +164,7 @@ class EvalOptions:
         --limit extends a run, and greedy decoding does not depend on them.
         """
         keep = ("task", "model", "tokenizer", "dtype", "mask_token_id", "k", "subset", "size", "layers", "mode",
-                "block_size", "small_block_size", "threshold", "use_block_cache", "max_new_tokens",
+                "block_size", "small_block_size", "threshold", "use_block_cache", "fast_path", "max_new_tokens",
                 "chat_template", "mmlu_mode", "seed", "data_files", "fewshot_files", "dataset",
                 "dataset_config", "split")
         out = {name: getattr(self, name) for name in keep}

@@ -328,6 +328,7 @@ def _generation_info(options) -> dict:
         "small_block_size": options.small_block_size,
         "threshold": options.threshold,
         "use_block_cache": options.use_block_cache,
+        "fast_path": options.fast_path,
         "do_sample": False,
         "batch_size": options.batch_size,
     }
