@@ -16,6 +16,27 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 HUB_CONFIG = SHARED_DATA / "fast_dllm_v2_7b" / "config.json"
 TOKENIZER_DIR = SHARED_DATA / "qwen2_tokenizer"
 
+class NetworkAttempted(RuntimeError):
+    pass
+
+
+def _refuse_network(*args, **kwargs):
+    raise NetworkAttempted(f"network access attempted: {args!r}")
+
+
+@pytest.fixture(scope="module")
+def no_network():
+    """Refuse every outbound connection (use with `pytestmark = pytest.mark.usefixtures("no_network")`)."""
+    import socket
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(socket.socket, "connect", _refuse_network)
+        patch.setattr(socket.socket, "connect_ex", _refuse_network)
+        patch.setattr(socket, "create_connection", _refuse_network)
+        patch.setattr(socket, "getaddrinfo", _refuse_network)
+        yield
+
+
 TINY_VOCAB = 512
 TINY_MASK = TINY_VOCAB - 1
 

@@ -7,7 +7,6 @@ download NLTK data (or anything else) fails the test instead of hanging.
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -30,23 +29,7 @@ _CANDIDATES = [
 DATA = next((path for path in _CANDIDATES if path.exists()), _CANDIDATES[0])
 
 
-class NetworkAttempted(RuntimeError):
-    pass
-
-
-def _refuse(*args, **kwargs):
-    raise NetworkAttempted(f"network access attempted: {args!r}")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def no_network():
-    """Refuse every outbound connection for the whole module."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(socket.socket, "connect", _refuse)
-        patch.setattr(socket.socket, "connect_ex", _refuse)
-        patch.setattr(socket, "create_connection", _refuse)
-        patch.setattr(socket, "getaddrinfo", _refuse)
-        yield
+pytestmark = pytest.mark.usefixtures("no_network")
 
 
 @pytest.fixture(scope="module")

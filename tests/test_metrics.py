@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -31,19 +30,7 @@ from dllm_generation.eval.metrics.evaluate_loading import METRIC_MODULES, metric
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
-def _refuse(*args, **kwargs):
-    raise RuntimeError(f"network access attempted: {args!r}")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def no_network():
-    """Refuse every outbound connection for the whole module."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(socket.socket, "connect", _refuse)
-        patch.setattr(socket.socket, "connect_ex", _refuse)
-        patch.setattr(socket, "create_connection", _refuse)
-        patch.setattr(socket, "getaddrinfo", _refuse)
-        yield
+pytestmark = pytest.mark.usefixtures("no_network")
 
 
 def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
@@ -367,7 +354,7 @@ def test_metric_modules_are_shipped_as_named_scripts():
     for name in METRIC_MODULES:
         script = metric_path(name) / f"{name}.py"
         assert script.is_file()
-        assert "evaluate.Metric" in script.read_text()
+        assert "evaluate_base.TextScoreMetric" in script.read_text()  # an evaluate.Metric (load test below)
     with pytest.raises(KeyError):
         metric_path("exact_match")
 

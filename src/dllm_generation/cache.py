@@ -127,7 +127,7 @@ class BlockDiffusionLayer(CacheLayerMixin):
     def store_reuse(self, hidden_in, hidden_out, tags, offsets) -> None:
         """Remember this layer's input/output for the rows of the current forward."""
         o = self.owner
-        batch, n, hidden = hidden_out.shape[0], hidden_out.shape[1], hidden_out.shape[2]
+        n, hidden = hidden_out.shape[1], hidden_out.shape[2]
         if self.reuse_output is None:
             dev, dt = hidden_out.device, hidden_out.dtype
             self.reuse_output = torch.zeros(o.num_rows, o.block_size, hidden, device=dev, dtype=dt)

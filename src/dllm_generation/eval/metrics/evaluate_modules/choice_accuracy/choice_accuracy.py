@@ -4,13 +4,14 @@ Loaded from this folder by ``dllm_generation.eval.metrics.load_metric``, so no
 hub access is needed; the computation is the package's ``score_sample``.
 """
 
-import datasets
-import evaluate
+# Imported as a module: evaluate.load takes the first Metric subclass it finds in this namespace.
+from dllm_generation.eval.metrics import evaluate_base
 
-from dllm_generation.eval.metrics.scoring import aggregate, score_sample
 
-_DESCRIPTION = "Accuracy of the choice letter extracted from a generative answer."
-_INPUTS = """
+class ChoiceAccuracy(evaluate_base.TextScoreMetric):
+    TASK = "gpqa"
+    DESCRIPTION = "Accuracy of the choice letter extracted from a generative answer."
+    INPUTS = """
 Args:
     predictions: model generations ("The answer is (B)", "\\boxed{B}", "B. ...").
     references: gold letters ("B") or 0-based choice indices as strings ("1").
@@ -18,21 +19,6 @@ Returns:
     acc: accuracy in [0, 1].
 """
 
-
-class ChoiceAccuracy(evaluate.Metric):
-    def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_INPUTS,
-            features=datasets.Features(
-                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
-            ),
-        )
-
-    def _compute(self, predictions, references):
-        per_sample = [
-            score_sample("gpqa", prediction, {"answer": reference})["metrics"]
-            for prediction, reference in zip(predictions, references)
-        ]
-        return aggregate("gpqa", per_sample)
+    @staticmethod
+    def reference_doc(reference: str) -> dict:
+        return {"answer": reference}

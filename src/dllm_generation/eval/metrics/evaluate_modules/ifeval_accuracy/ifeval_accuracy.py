@@ -8,13 +8,14 @@ hold, so each reference is the record as a JSON string.
 
 import json
 
-import datasets
-import evaluate
+# Imported as a module: evaluate.load takes the first Metric subclass it finds in this namespace.
+from dllm_generation.eval.metrics import evaluate_base
 
-from dllm_generation.eval.metrics.scoring import aggregate, score_sample
 
-_DESCRIPTION = "IFEval accuracy with the reference strict and loose rules."
-_INPUTS = """
+class IfevalAccuracy(evaluate_base.TextScoreMetric):
+    TASK = "ifeval"
+    DESCRIPTION = "IFEval accuracy with the reference strict and loose rules."
+    INPUTS = """
 Args:
     predictions: model responses.
     references: JSON strings of IFEval records (key, prompt, instruction_id_list, kwargs).
@@ -22,21 +23,6 @@ Returns:
     prompt_level_strict_acc, inst_level_strict_acc, prompt_level_loose_acc, inst_level_loose_acc.
 """
 
-
-class IfevalAccuracy(evaluate.Metric):
-    def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_INPUTS,
-            features=datasets.Features(
-                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
-            ),
-        )
-
-    def _compute(self, predictions, references):
-        per_sample = [
-            score_sample("ifeval", prediction, json.loads(reference))["metrics"]
-            for prediction, reference in zip(predictions, references)
-        ]
-        return aggregate("ifeval", per_sample)
+    @staticmethod
+    def reference_doc(reference: str) -> dict:
+        return json.loads(reference)
