@@ -14,7 +14,8 @@ def _block_causal_logits(model, seq: list[int], block_size: int) -> torch.Tensor
     n = len(seq)
     idx = torch.arange(n)
     allowed = (idx[None, :] // block_size) <= (idx[:, None] // block_size)
-    out = model.model(input_ids=torch.tensor([seq]), attention_mask={"full_attention": allowed[None, None]},
+    # A 4-D boolean mask is used as given by transformers (sdpa: True = attend).
+    out = model.model(input_ids=torch.tensor([seq]), attention_mask=allowed[None, None],
                       position_ids=idx[None], use_cache=False)
     return model.lm_head(out.last_hidden_state)[0].float()
 

@@ -220,3 +220,27 @@ def test_cache_batch_select_reorder_crop_reset():
         cache.crop(40)
     cache.reset()
     assert cache.get_seq_length() == 0 and cache.layers[0].keys.abs().sum() == 0
+
+
+def test_attach_to_a_llama_model_decodes_like_the_naive_reference():
+    from reference_decoder import reference_decode
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dllm_generation import BlockDiffusionLlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    plain = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.normal_(0, 0.5)
+    view = attach_block_diffusion(plain, mask_token_id=127)
+    assert isinstance(view, BlockDiffusionLlamaForCausalLM) and type(plain) is LlamaForCausalLM
+    prompt = random_prompts([37], 120, seed=6)[0]
+    cfg = GenerationConfig(max_new_tokens=40, block_size=32, small_block_size=8, threshold=0.9,
+                           use_block_cache=False, eos_token_id=126, pad_token_id=125)
+    got = view.generate(torch.tensor([prompt]), generation_config=cfg)[0, len(prompt):].tolist()
+    want, forwards = reference_decode(plain, prompt, block_size=32, small_block_size=8, threshold=0.9,
+                                      max_new_tokens=40, mask_id=127, eos=(126,), pad_id=125)
+    assert got[: len(want)] == want and view.last_generation_stats["forwards"] == forwards
