@@ -294,16 +294,23 @@ class BlockDiffusionDecoder:
         entry = self.cache.layers[min(self.reuse_layers)]
         rows_t = torch.tensor(recall_rows, device=dev)
         tags = torch.tensor([self._tag(block_serial, sub_idx[r]) for r in recall_rows], device=dev)
-        start = torch.tensor([0 if plans[r][0] == "block" else sub_idx[r] * sbs for r in recall_rows], device=dev)
-        end = torch.tensor([self.s.block_size if plans[r][0] == "block" else (sub_idx[r] + 1) * sbs
-                            for r in recall_rows], device=dev)
+        spans = [self._reuse_span(plans[r][0], sub_idx[r]) for r in recall_rows]
+        start = torch.tensor([lo for lo, _ in spans], device=dev)
+        end = torch.tensor([hi for _, hi in spans], device=dev)
         covered = entry.reuse_covers(rows_t, tags, start, end).tolist()
         for r, ok in zip(recall_rows, covered):
             if not ok:
                 plans[r] = (plans[r][0], True)
 
     def _tag(self, block_serial: int, sub: int) -> int:
+        """The serial of a sub-block: reuse entries are valid only for the one they were stored in."""
         return block_serial * (self.s.block_size // self.s.small_block_size) + sub
+
+    def _reuse_span(self, kind: str, sub: int) -> tuple[int, int]:
+        """Block slots a forward of `kind` feeds (and a reuse entry stored by it covers)."""
+        if kind == "block":
+            return 0, self.s.block_size
+        return sub * self.s.small_block_size, (sub + 1) * self.s.small_block_size
 
     def _denoise(self, block, masked, pad, finished, rows, kind, compute, sub_idx, block_serial, prefix,
                  ar_sub, n_rows):

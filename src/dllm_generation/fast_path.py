@@ -563,7 +563,6 @@ class FastPathEngine:
         """One denoising step for every group `((kind, compute), rows)` (as `_denoise` per group)."""
         st = self.store
         bs, sbs = st.block_size, st.small_block_size
-        nsb = bs // sbs
         n_rows = block.shape[0]
         prefix = dec.cache.prefix_len
         reuse_layers = tuple(sorted(dec.reuse_layers))
@@ -584,15 +583,15 @@ class FastPathEngine:
             bslot_T = np.concatenate([np.tile(ar_bs, rb), (offs_s[:, None] + ar_sbs).reshape(-1)])
             pick_b = (np.arange(rb, dtype=np.int64)[:, None] * bs + np.clip(offs_b[:, None] - 1 + ar_sbs, 0, None))
             pick_s = rb * bs + np.arange(rs, dtype=np.int64)[:, None] * sbs + np.clip(ar_sbs - 1, 0, None)
-            start = np.concatenate([np.zeros(rb, dtype=np.int64), offs_s])
             mode = "none" if not reuse_layers else ("store" if compute else "recall")
             values = {"rows_T": rows_T, "bslot_T": bslot_T, "rows_b": rows_np[:rb], "rows_s": rows_np[rb:],
                       "rows_R": rows_np, "offs": offs, "pick": np.concatenate([pick_b.reshape(-1), pick_s.reshape(-1)]),
                       "P": np.asarray([prefix], dtype=np.int64)}
             if mode == "store":
-                values["tags"] = np.asarray([block_serial * nsb + sub_idx[r] for r in rb_rows + rs_rows], dtype=np.int64)
-                values["start"] = start
-                values["end"] = start + np.asarray([bs] * rb + [sbs] * rs, dtype=np.int64)
+                kinds_rows = [("block", r) for r in rb_rows] + [("sub", r) for r in rs_rows]
+                spans = np.asarray([dec._reuse_span(k, sub_idx[r]) for k, r in kinds_rows], dtype=np.int64)
+                values["tags"] = np.asarray([dec._tag(block_serial, sub_idx[r]) for _, r in kinds_rows], dtype=np.int64)
+                values["start"], values["end"] = spans[:, 0], spans[:, 1]
             st.upload(values)
             key = PassKey(rb, rs, sbs, mode, reuse_layers if mode != "none" else (), dec.residual, "denoise",
                           rb_rows == list(range(rb)), rb == 0 and rs_rows == list(range(rs)), **self._constants(dec))
