@@ -13,12 +13,15 @@ import json
 import logging
 import os
 
+from importlib import resources
+
 import torch
 from transformers import AutoTokenizer, PreTrainedModel
 from transformers.models.llama import LlamaConfig, LlamaForCausalLM
 from transformers.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
 
 from .generation import BlockDiffusionGenerationMixin
+from .hub_format import verify_checksums
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +44,33 @@ _DIFFUSION_CLASS_BY_MODEL_TYPE = {
     "llama": (LlamaConfig, BlockDiffusionLlamaForCausalLM),
 }
 SUPPORTED_ARCHITECTURES = ("Fast_dLLM_QwenForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM")
+
+
+# Models shipped inside the package: name -> folder of the package that holds the checkpoint.
+SHIPPED_MODELS = {"demo": "demo/model"}
+
+
+def shipped_model_path(name: str) -> str:
+    """The folder of a shipped model, after checking every file against its SHA256SUMS."""
+    path = str(resources.files("dllm_generation").joinpath(SHIPPED_MODELS[name]))
+    verify_checksums(path)
+    return path
+
+
+def resolve_pretrained(pretrained: str) -> str:
+    """A shipped model's folder, a local folder, or a hub id (`owner/name`), as given.
+
+    A name with no `/` that is not a local folder must be a shipped model: anything else is a
+    typo, and the error lists what is shipped.
+    """
+    if pretrained in SHIPPED_MODELS:
+        return shipped_model_path(pretrained)
+    if os.path.isdir(pretrained) or "/" in pretrained:
+        return pretrained
+    raise ValueError(
+        f"unknown model {pretrained!r}: not a local folder, not a hub id (owner/name), and not a shipped model "
+        f"(shipped: {', '.join(sorted(SHIPPED_MODELS))})"
+    )
 
 
 def _read_config_dict(pretrained: str, **hub_kwargs) -> dict:
@@ -94,7 +124,9 @@ def load_model(
     Returns `(model, tokenizer)`; the tokenizer is None when the folder has none. The mask token
     id is taken from `mask_token_id`, else from the tokenizer's `|<MASK>|`, else from
     `config.mask_token_id`; it is stored on `model.generation_config.mask_token_id`.
+    `pretrained` may name a shipped model (`"demo"`: a 14-layer model trained on `arith`).
     """
+    pretrained = resolve_pretrained(pretrained)
     raw = _read_config_dict(pretrained, **hub_kwargs)
     config, model_cls = config_from_hub_dict(raw)
     if dtype is None:

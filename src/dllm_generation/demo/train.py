@@ -47,10 +47,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--output-dir", required=True, help="checkpoints, logs and the finished model (<dir>/model)")
     p.add_argument("--seed", type=int, default=0, help="seed of the model init, the data order and the masks")
-    p.add_argument("--max-steps", type=int, default=6000, help="optimizer steps")
+    p.add_argument("--max-steps", type=int, default=2500, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=128, help="examples per step (each is used twice: mask m "
                    "and its complement)")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW, linear warm-up, cosine decay)")
+    p.add_argument("--lr", type=float, default=1.5e-3, help="peak learning rate (AdamW, linear warm-up, cosine decay)")
     p.add_argument("--warmup-steps", type=int, default=200)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--layers", type=int, default=14)
@@ -64,7 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loader processes")
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16" if torch.cuda.is_available() else "fp32")
     p.add_argument("--time-limit-minutes", type=float, default=None,
-                   help="stop with a checkpoint after this long (exit code 3); rerun the same command to resume")
+                   help="stop with a checkpoint after this long, export what exists (exit code 3); rerun to resume")
+    p.add_argument("--max-shard-size", default="15MB", help="largest weight file of the saved model")
     p.add_argument("--save-dtype", choices=("bfloat16", "float32"), default="bfloat16",
                    help="dtype of the saved weights (bf16 keeps the shipped model under 30 MB)")
     return p.parse_args(argv)
@@ -110,20 +111,22 @@ def main(argv=None) -> int:
         trainer.add_callback(TimeLimit(started + 60 * args.time_limit_minutes))
     trainer.train(resume_from_checkpoint=get_last_checkpoint(args.output_dir))
     logger.info("training took %.1f s", time.time() - started)
-    if trainer.state.global_step < args.max_steps:
-        logger.info("stopped at step %d of %d (time limit); rerun the same command to resume",
-                    trainer.state.global_step, args.max_steps)
-        return 3
+    stopped_early = trainer.state.global_step < args.max_steps
 
     export = os.path.join(args.output_dir, "model")
+    trainer.model.config.use_cache = True  # the Trainer turns it off for training
     save_hub_checkpoint(trainer.model.float(), export, bd_size=BLOCK_SIZE, tokenizer=tokenizer,
-                        dtype=getattr(torch, args.save_dtype))
+                        dtype=getattr(torch, args.save_dtype), max_shard_size=args.max_shard_size)
     write_generation_config(export, tokenizer)
     history = [e for e in trainer.state.log_history if "loss" in e]
     with open(os.path.join(args.output_dir, "loss_log.json"), "w", encoding="utf-8") as f:
         json.dump({"args": vars(args), "versions": versions(), "history": history}, f, indent=1)
     plot_loss(history, os.path.join(args.output_dir, "loss_curve.png"))
     write_checksums(export)
+    if stopped_early:
+        logger.warning("stopped at step %d of %d (time limit): the model in %s is a partial one; rerun the same "
+                       "command to resume", trainer.state.global_step, args.max_steps, export)
+        return 3
     return 0
 
 

@@ -38,7 +38,8 @@ def _str_list(text: str) -> list[str]:
 def add_shared_arguments(parser: argparse.ArgumentParser, *, grid: bool = False, mmlu: bool = False) -> None:
     """The arguments every task script and the grid share. In a grid, reuse knobs take lists."""
     m = parser.add_argument_group("model")
-    m.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local checkpoint folder")
+    m.add_argument("--model", default=None, help=f"hub id, local checkpoint folder, or a shipped model name (demo); "
+                   f"None = demo for arith, else {DEFAULT_MODEL}")
     m.add_argument("--tokenizer", default=None, help="tokenizer folder/id when the checkpoint has none; None = the checkpoint's")
     m.add_argument("--dtype", default=DEFAULTS.dtype, choices=DTYPES, help="weights dtype; auto = the checkpoint's")
     m.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...; None = cuda if available (one GPU per process under accelerate)")
@@ -65,7 +66,7 @@ def add_shared_arguments(parser: argparse.ArgumentParser, *, grid: bool = False,
                    help="reuse the current block's K/V between sub-blocks")
     d.add_argument("--fast-path", default=DEFAULTS.fast_path, choices=FAST_PATHS,
                    help="GPU fast path: on (CUDA graphs where it applies), off (plain path), graphs, compile (faster; bf16 rounding differs)")
-    d.add_argument("--max-new-tokens", type=int, default=DEFAULTS.max_new_tokens, help="generation budget per prompt")
+    d.add_argument("--max-new-tokens", type=int, default=None, help="generation budget per prompt; None = 320 for arith, else 2048")
     d.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="prompts per model call (pairs per forward for MMLU loglikelihood)")
 
     p = parser.add_argument_group("prompts and data")

@@ -17,6 +17,8 @@ import os
 import random
 from dataclasses import dataclass, field
 
+from ..arith.data import test_set_path as arith_test_set_path
+
 logger = logging.getLogger(__name__)
 
 LETTERS = "ABCD"
@@ -47,6 +49,7 @@ LOCAL_HINTS = {
     "math": "--data-files <data>/math500/test.jsonl",
     "ifeval": "--data-files <data>/ifeval/input_data.jsonl",
     "mmlu": "--data-files <data>/mmlu (a folder with test/ and dev/ CSVs, headerless: question,A,B,C,D,answer)",
+    "arith": "--data-files <jsonl with question/answer rows> (default: the shipped held-out test set)",
     "gpqa": "--data-files gpqa_main.csv (or gpqa_diamond.csv) from the GPQA release; GPQA is gated on the Hub: "
     "set HF_TOKEN to use Idavidrein/gpqa",
 }
@@ -75,17 +78,19 @@ class TaskData:
 def load_task_data(options) -> TaskData:
     """Read the evaluation rows (and few-shot rows when the prompt needs them) for `options.task`."""
     task = options.task
-    hub = HUB_SOURCES[task]
-    hub = HubSource(
-        options.dataset or hub.path,
-        options.dataset_config if options.dataset_config is not None else hub.config,
-        options.split or hub.split,
-        hub.fewshot_split,
-    )
     need_fewshot = options.fewshot > 0
     if options.data_files:
         rows, fewshot_rows, source = _read_local(task, options.data_files, options.fewshot_files, need_fewshot)
+    elif task == "arith" and not options.dataset:
+        rows, fewshot_rows, source = _read_local(task, [arith_test_set_path()], None, False)
     else:
+        hub = HUB_SOURCES.get(task, HubSource(options.dataset, None, "test"))
+        hub = HubSource(
+            options.dataset or hub.path,
+            options.dataset_config if options.dataset_config is not None else hub.config,
+            options.split or hub.split,
+            hub.fewshot_split,
+        )
         rows, fewshot_rows, source = _read_hub(task, hub, need_fewshot)
     examples = _to_examples(task, rows, seed=options.seed)
     total = len(examples)
@@ -279,6 +284,8 @@ def _mmlu_rows(files: list[str]) -> list[dict]:
 def _to_examples(task: str, rows: list[dict], *, seed: int) -> list[Example]:
     if task == "gsm8k":
         return [Example(f"gsm8k-{i}", dict(r)) for i, r in enumerate(rows)]
+    if task == "arith":
+        return [Example(str(r.get("id") or f"arith-{i}"), dict(r)) for i, r in enumerate(rows)]
     if task == "math":
         return [Example(str(r.get("unique_id") or f"math-{i}"), dict(r)) for i, r in enumerate(rows)]
     if task == "ifeval":

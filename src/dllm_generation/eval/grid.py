@@ -38,6 +38,8 @@ def grid_options(base: EvalOptions, ks, subsets, sizes=None, modes=None) -> list
     """Every combination, k outermost; each cell validated before anything runs."""
     cells = []
     for k, subset, size, mode in itertools.product(ks, subsets, sizes or [base.size], modes or [base.mode]):
+        if k == 1 and any(c.k == 1 for c in cells):
+            continue  # k=1 is no reuse: subset, size and mode change nothing, so it runs once
         cells.append(base.replace(k=k, subset=subset, size=size, mode=mode).validate())
     names = [c.config_name() for c in cells]
     if len(set(names)) != len(names):

@@ -10,7 +10,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
-TASKS = ("gsm8k", "math", "ifeval", "mmlu", "gpqa")
+TASKS = ("gsm8k", "math", "ifeval", "mmlu", "gpqa", "arith")
 SUBSETS = ("first", "middle", "last")
 REUSE_MODES = ("output", "residual")
 MMLU_MODES = ("loglikelihood", "generative")
@@ -20,8 +20,13 @@ FAST_PATH_VALUES = {"on": None, "off": False, "graphs": "graphs", "compile": "co
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 DEFAULT_MODEL = "Efficient-Large-Model/Fast_dLLM_v2_7B"
+# Tasks whose default model is not the 7B checkpoint: `arith` runs on the shipped demo model.
+TASK_DEFAULT_MODEL = {"arith": "demo"}
+DEFAULT_MAX_NEW_TOKENS = 2048
+# Generation budgets that differ from the default: arith solutions are under 200 tokens.
+TASK_MAX_NEW_TOKENS = {"arith": 320}
 # Published Fast-dLLM v2 evaluation: few-shot counts per task (MMLU 5-shot from dev, the rest 0-shot).
-DEFAULT_NUM_FEWSHOT = {"gsm8k": 0, "math": 0, "ifeval": 0, "mmlu": 5, "gpqa": 0}
+DEFAULT_NUM_FEWSHOT = {"gsm8k": 0, "math": 0, "ifeval": 0, "mmlu": 5, "gpqa": 0, "arith": 0}
 # Tasks whose prompts know how to show worked examples.
 FEWSHOT_TASKS = ("gsm8k", "mmlu")
 
@@ -35,7 +40,7 @@ class EvalOptions:
     """One evaluation run: task, model, layer reuse, decoding, data source and output place."""
 
     task: str
-    model: str = DEFAULT_MODEL
+    model: str | None = None  # None = the task's default (TASK_DEFAULT_MODEL, else DEFAULT_MODEL)
     tokenizer: str | None = None
     dtype: str = "auto"
     device: str | None = None
@@ -52,7 +57,7 @@ class EvalOptions:
     threshold: float = 0.9
     use_block_cache: bool = True
     fast_path: str = "on"
-    max_new_tokens: int = 2048
+    max_new_tokens: int | None = None  # None = the task's budget (TASK_MAX_NEW_TOKENS, else 2048)
     batch_size: int = 8
     # prompts and data
     chat_template: bool = True
@@ -70,6 +75,12 @@ class EvalOptions:
     run_name: str | None = None
     warmup: bool = True
     force: bool = False
+
+    def __post_init__(self):
+        if self.model is None:
+            self.model = TASK_DEFAULT_MODEL.get(self.task, DEFAULT_MODEL)
+        if self.max_new_tokens is None:
+            self.max_new_tokens = TASK_MAX_NEW_TOKENS.get(self.task, DEFAULT_MAX_NEW_TOKENS)
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> "EvalOptions":

@@ -37,6 +37,8 @@ def build_prompt(task: str, doc: dict, fewshot: dict, *, mmlu_mode: str = "logli
         return _single_turn(doc["prompt"])
     if task == "mmlu":
         return _mmlu(doc, fewshot.get(doc["subject"], []), generative=mmlu_mode == "generative")
+    if task == "arith":
+        return _single_turn(doc["question"])  # as the demo model was trained: the question alone
     if task == "gpqa":
         return _single_turn(f"{GPQA_INSTRUCTION}\n\n{doc['question']}\n\n{_options(doc['choices'], ') ')}")
     raise ValueError(f"unknown task {task!r}")

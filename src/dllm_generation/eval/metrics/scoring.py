@@ -13,6 +13,7 @@ from . import choices, gsm8k, ifeval, math_equivalence
 
 _SCORERS: dict[str, Callable[[str, dict], dict]] = {
     "gsm8k": gsm8k.score,
+    "arith": gsm8k.score,
     "math": math_equivalence.score,
     "ifeval": ifeval.score,
     "mmlu_generative": choices.score,
@@ -23,6 +24,7 @@ TASKS: tuple[str, ...] = tuple(_SCORERS)
 
 METRIC_NAMES: dict[str, list[str]] = {
     "gsm8k": list(gsm8k.METRIC_NAMES),
+    "arith": list(gsm8k.METRIC_NAMES),
     "math": list(math_equivalence.METRIC_NAMES),
     "ifeval": list(ifeval.METRIC_NAMES),
     "mmlu_generative": list(choices.METRIC_NAMES),
@@ -31,6 +33,7 @@ METRIC_NAMES: dict[str, list[str]] = {
 
 PRIMARY_METRIC: dict[str, str] = {
     "gsm8k": gsm8k.PRIMARY_METRIC,
+    "arith": "exact_match_strict",  # the demo model answers in the `#### n` format it was trained on
     "math": math_equivalence.PRIMARY_METRIC,
     "ifeval": ifeval.PRIMARY_METRIC,
     "mmlu_generative": choices.PRIMARY_METRIC,
