@@ -21,11 +21,8 @@ CELLS = ["k1_first1_output_t0.05_n32", "k1_last1_output_t0.05_n32", "k2_first1_o
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    from dllm_generation.testing import make_tiny_checkpoint
-
-    path = tmp_path_factory.mktemp("tiny") / "ckpt"
-    return str(make_tiny_checkpoint(str(path), tokenizer_dir=str(DATA / "qwen2_tokenizer"), num_layers=2))
+def checkpoint(eval_checkpoint):
+    return eval_checkpoint
 
 
 def grid_command(checkpoint: str, out: Path) -> list[str]:
