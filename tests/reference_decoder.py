@@ -3,6 +3,11 @@
 Every forward recomputes the whole sequence through the stock transformers `Qwen2Model.forward`
 with an explicit block-causal mask, so it shares no code with the library's runner, cache or
 decoder. Without the block cache the library must give exactly these tokens and forward count.
+
+It defines the sampler's behaviour: as upstream Fast-dLLM v2, a confidence is the softmax over
+all logits (the mask token included) at the argmax; unlike upstream, the mask token itself can
+never be the argmax. A stop token that the prefill or a commit forward produces ends the row:
+no further block is denoised.
 """
 
 from __future__ import annotations
@@ -28,21 +33,29 @@ def reference_decode(model, prompt: list[int], *, block_size: int, small_block_s
     x = list(prompt)
     length = len(x)
     finished = False
+    stopped = False  # the next block's first token, from the prefill or a commit, is a stop token
+
+    def confident(logits):
+        """(confidence, token): softmax over every logit, then the best token other than the mask."""
+        probs = torch.softmax(logits, dim=-1)
+        probs[..., mask_id] = 0.0
+        return probs.max(dim=-1)
 
     def greedy_last(seq):
-        lg = _block_causal_logits(model, seq, bs)[-1]
-        lg[mask_id] = -float("inf")
-        return int(lg.argmax())
+        return int(confident(_block_causal_logits(model, seq, bs)[-1])[1])
 
     if length >= bs:
         forwards += 1  # prefill of the whole prompt blocks
         if length % bs == 0:
             tok = greedy_last(x)
             x.append(tok)
-            finished = tok in eos
+            stopped = tok in eos
     generated: list[int] = []
     while True:
         start = (len(x) // bs) * bs
+        if stopped:
+            generated.append(x[start])
+            break
         known = len(x) - start
         block = x[start:] + [mask_id] * (bs - known)
         prompt_in_block = max(0, length - start)
@@ -51,9 +64,8 @@ def reference_decode(model, prompt: list[int], *, block_size: int, small_block_s
             while any(t == mask_id for t in block[lo:hi]):
                 lg = _block_causal_logits(model, x[:start] + block, bs)[start:start + bs]
                 forwards += 1
-                shifted = torch.cat([lg[:1], lg[:-1]])[lo:hi].clone()
-                shifted[:, mask_id] = -float("inf")
-                conf, tok = torch.softmax(shifted, dim=-1).max(dim=-1)
+                shifted = torch.cat([lg[:1], lg[:-1]])[lo:hi]
+                conf, tok = confident(shifted)
                 masked = torch.tensor([t == mask_id for t in block[lo:hi]])
                 conf = torch.where(masked, conf, torch.full_like(conf, -float("inf")))
                 unmask = conf > threshold
@@ -70,7 +82,7 @@ def reference_decode(model, prompt: list[int], *, block_size: int, small_block_s
         forwards += 1  # commit
         tok = greedy_last(x)
         x.append(tok)
-        finished = tok in eos
+        stopped = tok in eos
     generated = generated[:max_new_tokens]
     for i, t in enumerate(generated):
         if t in eos:

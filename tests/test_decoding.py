@@ -211,3 +211,129 @@ def test_stats_report_tokens_and_rates(tiny_model):
     assert stats["tokens_per_forward"] == pytest.approx(60 / stats["forwards"])
     assert stats["layer_calls"] == 4 * stats["forwards"] and stats["layer_calls_skipped"] == 0
     assert tiny_model.last_generation_stats == stats
+
+
+# ---------------------------------------------------------------------------- stop tokens from prefill/commit
+def _reference(model, prompt, **kw):
+    return reference_decode(model, prompt, block_size=32, small_block_size=8, threshold=kw.get("threshold", 0.9),
+                            max_new_tokens=kw["max_new_tokens"], mask_id=TINY_MASK, eos=tuple(kw["eos_token_id"]),
+                            pad_id=model.generation_config.pad_token_id)
+
+
+@pytest.mark.parametrize("path", [False, "eager"])
+def test_stop_token_from_a_commit_ends_the_row_without_denoising_another_block(tiny_model, path):
+    prompt = prompts_of([40], seed=11)[0]  # 8 prompt tokens in the first block: 24 generated there
+    kw = dict(max_new_tokens=96, use_block_cache=False, **BASE)
+    free, _ = generate_new_tokens(tiny_model, [prompt], fast_path=path, **kw)
+    commit_token = free[0][24]  # the second block's first token comes from the commit forward
+    assert commit_token not in free[0][:24], "test setup: the commit token must be new"
+    kw["eos_token_id"] = [commit_token]
+    got, stats = generate_new_tokens(tiny_model, [prompt], fast_path=path, **kw)
+    pad = tiny_model.generation_config.pad_token_id
+    assert got[0][:25] == free[0][:25] and all(t == pad for t in got[0][25:])
+    assert stats["commit_forwards"] == 1 and stats["prefill_forwards"] == 1
+    # Exactly the forwards of the first block: the row does not denoise the block its stop token opened.
+    _, _, trace = decode_with_trace(tiny_model, prompt, **{k: v for k, v in kw.items() if k != "eos_token_id"})
+    first_block_steps = sum(1 for step in trace if step["block"] == 0)
+    assert stats["block_forwards"] + stats["sub_block_forwards"] == first_block_steps
+    want, forwards = _reference(tiny_model, prompt, **kw)
+    assert got[0][: len(want)] == want and stats["forwards"] == forwards == 1 + first_block_steps + 1
+
+
+@pytest.mark.parametrize("path", [False, "eager"])
+def test_stop_token_from_the_prefill_ends_the_row_with_no_denoising(tiny_model, path):
+    prompt = prompts_of([64], seed=13)[0]  # whole blocks only: the prefill gives the first new token
+    kw = dict(max_new_tokens=64, use_block_cache=True, **BASE)
+    free, _ = generate_new_tokens(tiny_model, [prompt], fast_path=path, **kw)
+    kw["eos_token_id"] = [free[0][0]]
+    got, stats = generate_new_tokens(tiny_model, [prompt], fast_path=path, **kw)
+    pad = tiny_model.generation_config.pad_token_id
+    assert got[0][0] == free[0][0] and all(t == pad for t in got[0][1:])
+    assert stats["forwards"] == stats["prefill_forwards"] == 1 and stats["denoising_steps"] == 0
+    assert stats["generated_tokens"] == 1
+    want, forwards = _reference(tiny_model, prompt, **kw)
+    assert want[0] == free[0][0] and forwards == 1
+
+
+def test_a_row_stopped_by_its_commit_leaves_the_others_unchanged(tiny_model):
+    prompts = prompts_of([40, 5, 70], seed=11)
+    kw = dict(max_new_tokens=96, use_block_cache=False, **BASE)
+    free = [generate_new_tokens(tiny_model, [p], **kw)[0][0] for p in prompts]
+    stop = free[0][24]
+    kw["eos_token_id"] = [stop]
+    alone = [generate_new_tokens(tiny_model, [p], **kw)[0][0] for p in prompts]
+    assert alone[0].index(stop) == 24  # row 0 ends at its commit token
+    batched, _ = generate_new_tokens(tiny_model, prompts, **kw)
+    pad = tiny_model.generation_config.pad_token_id
+    for a, b in zip(alone, batched):
+        assert b[: len(a)] == a and all(t == pad for t in b[len(a):])
+
+
+# ---------------------------------------------------------------------------- confidences
+def test_confidence_is_the_softmax_over_the_whole_vocabulary_mask_included():
+    from dllm_generation.sampling import choose_tokens
+
+    logits = torch.tensor([[3.0, 1.0, 0.0, 2.9], [0.0, 5.0, 1.0, 0.5]])  # mask id 3 nearly ties in row 0
+    tokens, conf = choose_tokens(logits, mask_token_id=3)
+    full = torch.softmax(logits, dim=-1)
+    assert tokens.tolist() == [0, 1]  # the mask token is never chosen
+    assert torch.allclose(conf, full[[0, 1], [0, 1]])
+    assert conf[0] < 0.5 < full[0, 0] / (1 - full[0, 3])  # renormalising without the mask would claim > 0.5
+    # The mask token ranked first: the best other token is chosen, with its full-softmax probability.
+    tokens, conf = choose_tokens(torch.tensor([[1.0, 0.0, 9.0]]), mask_token_id=2)
+    assert tokens.tolist() == [0] and conf.item() == pytest.approx(torch.softmax(torch.tensor([1.0, 0.0, 9.0]), 0)[0].item())
+
+
+def test_sampled_confidence_keeps_the_mask_in_the_distribution_but_never_draws_it():
+    from dllm_generation.sampling import choose_tokens
+
+    logits = torch.tensor([[2.0, 1.0, 2.0]]).expand(2000, 3)  # mask id 2 as likely as token 0
+    gen = torch.Generator().manual_seed(0)
+    tokens, conf = choose_tokens(logits, temperature=1.0, top_p=1.0, generator=gen, mask_token_id=2)
+    probs = torch.softmax(logits[0], 0)
+    assert 2 not in tokens.tolist() and {0, 1} == set(tokens.tolist())
+    assert torch.allclose(conf, probs[tokens])
+    # top-p keeping only the mask token: the draw falls back to the other tokens.
+    tokens, _ = choose_tokens(torch.tensor([[0.0, 0.0, 12.0]]), temperature=1.0, top_p=0.5, generator=gen,
+                              mask_token_id=2)
+    assert tokens.item() in (0, 1)
+
+
+@pytest.fixture(scope="module")
+def mask_tied_model(tiny_path):
+    """The tiny model with the mask token's output row equal to that of the token most often chosen:
+    wherever that token leads, the mask token takes half its probability, so confidences computed
+    without the mask (renormalised) cross the 0.9 threshold where the full-softmax ones do not."""
+    from dllm_generation import load_model
+
+    model, _ = load_model(tiny_path, dtype=torch.float32)
+    free, _ = generate_new_tokens(model, prompts_of([40], seed=14), max_new_tokens=64, **BASE)
+    favourite = max(set(free[0]), key=free[0].count)
+    with torch.no_grad():
+        model.lm_head.weight[TINY_MASK] = model.lm_head.weight[favourite]
+    return model
+
+
+@pytest.mark.parametrize("use_block_cache", [False, True])
+def test_near_threshold_decisions_match_the_reference_when_the_mask_token_is_likely(mask_tied_model, use_block_cache,
+                                                                                    monkeypatch):
+    from dllm_generation import decoding, sampling
+
+    model = mask_tied_model
+    prompt = prompts_of([40], seed=14)[0]
+    kw = dict(max_new_tokens=64, use_block_cache=use_block_cache, eos_token_id=[TINY_MASK - 1], **BASE)
+    plain, ps = generate_new_tokens(model, [prompt], fast_path=False, **kw)
+    fast, fs = generate_new_tokens(model, [prompt], fast_path="eager", **kw)
+    assert fast == plain and fs["forwards"] == ps["forwards"]
+    if not use_block_cache:
+        want, forwards = _reference(model, prompt, **kw)
+        assert plain[0][: len(want)] == want and ps["forwards"] == forwards
+
+    def renormalised_without_mask(logits, **kwargs):  # the definition this test guards against
+        logits = logits.clone()
+        logits[..., TINY_MASK] = -float("inf")
+        return sampling.choose_tokens(logits, **kwargs)
+
+    monkeypatch.setattr(decoding, "choose_tokens", renormalised_without_mask)
+    other, _ = generate_new_tokens(model, [prompt], fast_path=False, **kw)
+    assert other != plain, "test setup: the two confidence definitions must lead to different decisions here"

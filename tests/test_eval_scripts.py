@@ -27,11 +27,8 @@ SAMPLE_KEYS = {"id", "index", "prediction", "extracted", "gold", "correct", "met
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    from dllm_generation.testing import make_tiny_checkpoint
-
-    path = tmp_path_factory.mktemp("tiny") / "ckpt"
-    return str(make_tiny_checkpoint(str(path), tokenizer_dir=str(DATA / "qwen2_tokenizer"), num_layers=2))
+def checkpoint(eval_checkpoint):
+    return eval_checkpoint
 
 
 def run_script(name: str, argv: list[str], monkeypatch) -> int:
@@ -66,7 +63,13 @@ def test_gsm8k_script_writes_summary_and_samples(checkpoint, tmp_path, monkeypat
         assert tp[key] is not None, key
     assert tp["layer_calls_skipped"] > 0 and tp["prompts"] == 2
     assert tp["warmup"]["counted"] is False and tp["warmup"]["prompts"] == 2
-    assert summary["generation"]["layer_reuse"] == {"k": 2, "subset": "first", "size": 1, "layers": None, "mode": "output"}
+    assert summary["generation"]["layer_reuse"] == {"k": 2, "subset": "first", "size": 1, "layers": None, "mode": "output",
+                                                    "resolved_layers": [1]}
+    assert summary["generation"]["fast_path"] == "off (device is cpu, not CUDA)"  # what ran, not the setting
+    assert summary["generation"]["fast_path_requested"] == "on"
+    env = summary["environment"]
+    assert env["torch_threads"] >= 1 and env["cpu_count"] >= 1 and len(env["load_average_before"]) == 3
+    assert isinstance(env["busy"], bool)
     assert summary["model"]["num_hidden_layers"] == 2 and summary["model"]["path"] == checkpoint
     assert summary["dataset"]["split"] == "test" and summary["dataset"]["count"] == 2 and summary["dataset"]["total"] == 1319
     assert summary["seed"] == 0 and summary["prompting"]["chat_template"] is True

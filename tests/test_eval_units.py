@@ -62,14 +62,15 @@ def test_cli_rejects_bad_input_before_loading_anything(argv, expected, capsys):
 
 
 def test_config_name_says_what_differs_from_defaults():
-    assert EvalOptions(task="gsm8k").config_name() == "k1_first12_output"
+    assert EvalOptions(task="gsm8k").config_name() == "k1_first0.429_output"  # the default share, 12 of 28 layers
+    assert EvalOptions(task="gsm8k", size=12).config_name() == "k1_first12_output"
     opts = EvalOptions(task="mmlu", k=3, subset="last", size=4, mode="residual", threshold=0.8,
                        max_new_tokens=64, chat_template=False, mmlu_mode="generative", use_block_cache=False)
     assert opts.config_name() == "k3_last4_residual_t0.8_nocache_n64_nochat_gen"
     assert EvalOptions(task="gsm8k", k=2, layers=[0, 5]).config_name() == "k2_layers0-5_output"
-    assert EvalOptions(task="gpqa", seed=3, dtype="bfloat16").config_name() == "k1_first12_output_bfloat16_seed3"
+    assert EvalOptions(task="gpqa", seed=3, dtype="bfloat16").config_name() == "k1_first0.429_output_bfloat16_seed3"
     assert EvalOptions(task="gsm8k", run_name="mine", output_dir="out").run_dir() == os.path.join("out", "gsm8k", "mine")
-    assert EvalOptions(task="gsm8k", fast_path="compile").config_name() == "k1_first12_output_fastcompile"
+    assert EvalOptions(task="gsm8k", fast_path="compile").config_name() == "k1_first0.429_output_fastcompile"
 
 
 @pytest.mark.parametrize("flag, value", [("on", None), ("off", False), ("graphs", "graphs"), ("compile", "compile")])
@@ -275,6 +276,56 @@ def _summary(task, config, k, acc, tps):
         "options": {"model": "m", "chat_template": True, "num_fewshot": None, "mmlu_mode": "loglikelihood"},
         "dataset": {"count": 4}, "environment": {"device_name": "Test CPU"},
     }
+
+
+def test_report_records_the_path_that_ran_and_flags_throughput_that_is_not_comparable(tmp_path):
+    rows = [("k1_first12_output", "cuda:0", False, "graphs"), ("k2_first12_output", "cuda:0", True, "graphs"),
+            ("k3_first12_output", "cpu", False, "off (device is cpu, not CUDA)")]
+    for config, device, busy, path in rows:
+        s = _summary("gpqa", config, int(config[1]), 0.5, 10.0)
+        s["environment"].update(device=device, busy=busy, cpu_count=2, load_average_before=[3.5, 1.0, 0.5])
+        s["generation"]["fast_path"] = path
+        artifacts.write_json_atomic(str(tmp_path / "gpqa" / config / "summary.json"), s)
+    text = Path(build_report(str(tmp_path), plots=False)).read_text()
+    lines = {line.split(" | ")[0][2:]: line for line in text.splitlines() if line.startswith("| k")}
+    assert lines["k1_first12_output"].endswith("| graphs |  |")
+    assert "busy host (load 3.5 on 2 CPUs): tok/s not comparable" in lines["k2_first12_output"]
+    assert "| off (device is cpu, not CUDA) | CPU: tok/s not comparable |" in lines["k3_first12_output"]
+    assert "2 of 3 runs have throughput that is not comparable" in text
+
+
+def test_plot_labels_never_overlap_and_the_metric_axis_stays_within_0_and_100_percent(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from dllm_generation.eval.report import draw_task
+
+    runs = [_summary("gsm8k", f"k{1 + i % 3}_first{i}_output_with_a_long_name", 1 + i % 3, 0.999 if i < 20 else 0.001,
+                     100.0 + (i % 2)) for i in range(24)]  # two tight clusters at the edges of the range
+    fig = draw_task("gsm8k", runs)
+    ax = fig.axes[0]
+    fig.canvas.draw()  # places every annotation
+    renderer = fig.canvas.get_renderer()
+    from matplotlib.text import Text
+
+    boxes = [Text.get_window_extent(t, renderer) for t in ax.texts]  # the label itself, without its leader line
+    assert len(boxes) == 24
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert not a.overlaps(b), (a, b)
+    low, high = ax.get_ylim()
+    assert 0.0 <= low < high <= 1.0 and ax.get_xlim()[0] == 0.0
+    assert all(0 <= box.y0 and box.y1 <= fig.bbox.height for box in boxes)  # every label inside the figure
+
+
+def test_report_help_tells_plots_are_on(capsys):
+    from dllm_generation.eval.cli import report_main
+
+    with pytest.raises(SystemExit):
+        report_main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--plots, --no-plots" in help_text and "(default: True)" in help_text
+    assert "--no-plots (default: True)" not in help_text
 
 
 def test_report_table_speedup_and_plot(tmp_path):

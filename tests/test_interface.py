@@ -244,3 +244,133 @@ def test_attach_to_a_llama_model_decodes_like_the_naive_reference():
     want, forwards = reference_decode(plain, prompt, block_size=32, small_block_size=8, threshold=0.9,
                                       max_new_tokens=40, mask_id=127, eos=(126,), pad_id=125)
     assert got[: len(want)] == want and view.last_generation_stats["forwards"] == forwards
+
+
+# ---------------------------------------------------------------------------- what generate cannot honour
+@pytest.mark.parametrize(
+    "kwargs, named",
+    [
+        (lambda: {"logits_processor": __import__("transformers").LogitsProcessorList(
+            [__import__("transformers").TemperatureLogitsWarper(0.5)])}, "logits_processor"),
+        (lambda: {"stopping_criteria": __import__("transformers").StoppingCriteriaList(
+            [__import__("transformers").MaxLengthCriteria(8)])}, "stopping_criteria"),
+        (lambda: {"prefix_allowed_tokens_fn": lambda batch, ids: [1]}, "prefix_allowed_tokens_fn"),
+        (lambda: {"past_key_values": BlockDiffusionCache(4, 1, 32, 32)}, "past_key_values"),
+        (lambda: {"synced_gpus": True}, "synced_gpus"),
+        (lambda: {"foo": 1}, "foo"),
+        (lambda: {"repetition_penalty": 1.3}, "repetition_penalty=1.3"),
+        (lambda: {"output_scores": True}, "output_scores=True"),
+        (lambda: {"stop_strings": ["\n"]}, "stop_strings"),
+        (lambda: {"do_sample": True, "temperature": 0.7, "top_k": 20}, "top_k=20"),
+    ],
+)
+def test_generate_refuses_what_it_cannot_honour_before_compute(tiny_model, kwargs, named):
+    guard = ComputeGuard(tiny_model)
+    try:
+        with pytest.raises(ValueError, match=f"cannot honour: .*{named}") as err:
+            tiny_model.generate(torch.tensor([[1, 2, 3]]), generation_config=GenerationConfig(**BASE), **kwargs())
+    finally:
+        guard.close()
+    assert guard.calls == 0 and "\n" not in str(err.value)
+
+
+def test_generate_accepts_neutral_arguments_and_ignores_inherited_ar_defaults(tiny_path, caplog):
+    from transformers import LogitsProcessorList, StoppingCriteriaList
+
+    model, _ = load_model(tiny_path)
+    ids = torch.tensor([[1, 2, 3]])
+    base = model.generate(ids, generation_config=GenerationConfig(**BASE))
+    same = model.generate(ids, generation_config=GenerationConfig(**BASE), use_cache=True, synced_gpus=False,
+                          logits_processor=LogitsProcessorList(), stopping_criteria=StoppingCriteriaList(),
+                          repetition_penalty=1.0, top_k=50)  # top_k only matters when sampling
+    assert torch.equal(base, same)
+    # An instruct checkpoint's own AR defaults (no config passed by the caller) are ignored with a warning.
+    model.generation_config.repetition_penalty = 1.05
+    model.generation_config.max_new_tokens = 16
+    with caplog.at_level("WARNING", logger="dllm_generation.generation"):
+        assert torch.equal(model.generate(ids), base)
+    assert "repetition_penalty=1.05" in caplog.text
+
+
+def test_prompt_ids_outside_the_vocabulary_fail_before_compute(tiny_model):
+    guard = ComputeGuard(tiny_model)
+    try:
+        with pytest.raises(ValueError, match=r"input_ids row 1 holds token id 600 outside the model's vocabulary \(allowed: 0\.\.511\)"):
+            tiny_model.generate(torch.tensor([[1, 2, 3], [4, 600, 5]]), generation_config=GenerationConfig(**BASE))
+        with pytest.raises(ValueError, match="token id -3"):
+            tiny_model.generate(torch.tensor([[1, -3, 3]]), generation_config=GenerationConfig(**BASE))
+    finally:
+        guard.close()
+    assert guard.calls == 0
+    # Padding is not a prompt token: whatever id it holds is never embedded.
+    tiny_model.generate(torch.tensor([[-1, 2, 3]]), attention_mask=torch.tensor([[0, 1, 1]]),
+                        generation_config=GenerationConfig(**BASE))
+    from dllm_generation import loglikelihood
+
+    with pytest.raises(ValueError, match="continuations row 0 holds token id 512"):
+        loglikelihood(tiny_model, [[1, 2]], [[512]])
+
+
+def test_attach_refusal_names_what_attach_supports_not_what_it_refused():
+    from transformers import Qwen2Config, Qwen2Model
+
+    model = Qwen2Model(Qwen2Config(num_hidden_layers=1, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                                   num_key_value_heads=1, vocab_size=32))
+    with pytest.raises(ValueError) as err:
+        attach_block_diffusion(model)
+    message = str(err.value)
+    assert "attach_block_diffusion got Qwen2Model" in message
+    assert "attaches to instances of Qwen2ForCausalLM, LlamaForCausalLM" in message
+    assert "Qwen2Model" not in message.split("attaches to")[1]
+
+    class Fast_dLLM_QwenForCausalLM(__import__("transformers").Qwen2ForCausalLM):  # as trust_remote_code builds it
+        pass
+
+    cfg = Qwen2Config(num_hidden_layers=1, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                      num_key_value_heads=1, vocab_size=32)
+    remote = Fast_dLLM_QwenForCausalLM(cfg)
+    remote.config.model_type = "Fast_dLLM_Qwen"
+    with pytest.raises(ValueError) as err:
+        attach_block_diffusion(remote)
+    message = str(err.value)
+    assert "Fast_dLLM_QwenForCausalLM" not in message.split("attaches to")[1].split(".")[0]
+    assert "load_model(path)" in message
+
+
+def test_pipeline_does_not_call_this_librarys_classes_unsupported(tokenizer_path):
+    import logging
+
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handler = Keep(level=logging.DEBUG)
+    logger = logging.getLogger("transformers.pipelines.base")
+    logger.addHandler(handler)
+    try:
+        model, tok = load_model(tokenizer_path)
+        pipeline("text-generation", model=model, tokenizer=tok)
+        from transformers import Qwen2ForCausalLM
+
+        class SomeOtherQwen2(Qwen2ForCausalLM):
+            pass
+
+        other = SomeOtherQwen2(model.config)
+        pipeline("text-generation", model=other, tokenizer=tok)  # any other class name is still reported
+    finally:
+        logger.removeHandler(handler)
+    unsupported = [m for m in records if "is not supported for" in m]
+    assert len(unsupported) == 1 and unsupported[0].startswith("The model 'SomeOtherQwen2'")
+
+
+def test_public_names_and_version():
+    from importlib.metadata import version
+
+    import dllm_generation
+
+    assert {"release", "loglikelihood", "LayerReuseConfig", "load_model"} <= set(dllm_generation.__all__)
+    assert "DiffusionSettings" not in dllm_generation.__all__ and not hasattr(dllm_generation, "DiffusionSettings")
+    assert all(hasattr(dllm_generation, name) for name in dllm_generation.__all__)
+    assert dllm_generation.__version__ == version("dllm_generation")

@@ -147,10 +147,47 @@ def test_bad_reuse_configs_name_the_field(kwargs, field):
 
 
 def test_size_and_layer_range_are_checked_against_the_model():
-    with pytest.raises(ValueError, match="size must be smaller than the number of layers"):
+    with pytest.raises(ValueError, match=r"size=4 is too large for a model of 4 layers \(allowed: at most 3 layers"):
         LayerReuseConfig(size=4).resolve_layers(4)
+    with pytest.raises(ValueError, match=r"size=0.9 \(0.9 of 4 layers rounds to 4\) is too large"):
+        LayerReuseConfig(size=0.9).resolve_layers(4)
     with pytest.raises(ValueError, match=r"layers \[4\] out of range"):
         LayerReuseConfig(layers=[1, 4]).resolve_layers(4)
+
+
+@pytest.mark.parametrize("num_layers, count", [(28, 12), (14, 6), (36, 15), (4, 2), (2, 1)])
+def test_default_size_is_a_share_that_fits_every_depth(num_layers, count):
+    """The default is 12 of 28 layers as a share, so the same config runs on any model of >= 2 layers."""
+    default = LayerReuseConfig(k=2)
+    assert default.size == 12 / 28 and default.layer_count(num_layers) == count
+    for subset in ("first", "middle", "last"):
+        assert len(LayerReuseConfig(k=2, subset=subset).resolve_layers(num_layers)) == count
+    assert LayerReuseConfig(k=2).resolve_layers(28) == LayerReuseConfig(k=2, size=12).resolve_layers(28)
+
+
+@pytest.mark.parametrize("size, count", [(0.5, 14), (0.25, 7), (0.01, 1), (0.98, 27)])
+def test_explicit_share_rounds_half_up_and_an_int_is_a_count(size, count):
+    assert LayerReuseConfig(size=size).layer_count(28) == count
+    assert LayerReuseConfig(size=count).resolve_layers(28) == LayerReuseConfig(size=size).resolve_layers(28)
+    assert LayerReuseConfig(size=1).layer_count(28) == 1  # an int is never a share
+    assert LayerReuseConfig(size=0.5).label == "k1-first0.5-output" and LayerReuseConfig(size=12).label == "k1-first12-output"
+
+
+@pytest.mark.parametrize("size", [0.0, 1.0, 1.5, -0.5, -2, True, "12"])
+def test_sizes_that_are_neither_count_nor_share_are_refused(size):
+    with pytest.raises(ValueError, match=r"LayerReuseConfig.size=.* is out of range \(allowed: an integer >= 1 .* float in \(0, 1\)"):
+        LayerReuseConfig(size=size)
+
+
+def test_default_size_runs_on_a_shallow_model_and_round_trips_json(tiny_model, tmp_path):
+    """`LayerReuseConfig(k=2, subset="first")` as the README writes it, on the 4-layer test model."""
+    cfg = GenerationConfig(max_new_tokens=32, layer_reuse=LayerReuseConfig(k=2, subset="first"), **BASE)
+    cfg.save_pretrained(tmp_path)
+    back = GenerationConfig.from_pretrained(tmp_path)
+    assert LayerReuseConfig.coerce(back.layer_reuse) == LayerReuseConfig(k=2, subset="first")
+    _, stats = generate_new_tokens(tiny_model, prompts_of([20]), max_new_tokens=32,
+                                   layer_reuse=back.layer_reuse, **BASE)
+    assert stats["reuse_layers"] == [1, 2] and stats["layer_calls_skipped"] > 0
 
 
 @pytest.mark.parametrize("k, mode", [(2, "output"), (3, "output"), (2, "residual"), (3, "residual")])

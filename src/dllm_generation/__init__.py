@@ -1,7 +1,10 @@
 """Block-diffusion (Fast-dLLM v2) decoding with layer reuse, native to Hugging Face transformers."""
 
+from importlib.metadata import PackageNotFoundError, version
+
 from .cache import BlockDiffusionCache
-from .config import DiffusionSettings, LayerReuseConfig
+from .config import LayerReuseConfig
+from .fast_path import release
 from .generation import BlockDiffusionGenerateOutput, BlockDiffusionGenerationMixin
 from .loading import (
     BlockDiffusionLlamaForCausalLM,
@@ -9,6 +12,7 @@ from .loading import (
     attach_block_diffusion,
     load_model,
 )
+from .scoring import loglikelihood
 
 __all__ = [
     "BlockDiffusionCache",
@@ -16,9 +20,14 @@ __all__ = [
     "BlockDiffusionGenerationMixin",
     "BlockDiffusionLlamaForCausalLM",
     "BlockDiffusionQwen2ForCausalLM",
-    "DiffusionSettings",
     "LayerReuseConfig",
     "attach_block_diffusion",
     "load_model",
+    "loglikelihood",
+    "release",
 ]
-__version__ = "0.1.0"
+
+try:
+    __version__ = version("dllm_generation")  # one source: pyproject.toml, through the installed metadata
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"

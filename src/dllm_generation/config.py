@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -17,6 +18,9 @@ logger = logging.getLogger(__name__)
 
 SUBSETS = ("first", "middle", "last")
 REUSE_MODES = ("output", "residual")
+# Default reuse size: a share of the model's layers, so one setting fits every depth. 12 of 28
+# layers is the published layer-reuse experiment on Fast_dLLM_v2_7B; the same share is 6 of 14.
+DEFAULT_REUSE_SIZE = 12 / 28
 
 # Fields this library adds to GenerationConfig, with their defaults.
 DIFFUSION_DEFAULTS = {
@@ -30,6 +34,58 @@ DIFFUSION_DEFAULTS = {
     "fast_path": None,
 }
 
+SIZE_RULE = (
+    "an integer >= 1 (that many layers) or a float in (0, 1) (that share of the model's layers, "
+    "rounded half up, at least 1)"
+)
+
+
+def is_share(size) -> bool:
+    """A reuse `size` given as a share of the layers (a float) rather than a count (an int)."""
+    return isinstance(size, float)
+
+
+def validate_size(size, where: str = "LayerReuseConfig.size") -> None:
+    """Raise ValueError naming `where` unless `size` is a count (int >= 1) or a share (float in (0, 1))."""
+    if (isinstance(size, bool) or not isinstance(size, (int, float))
+            or (isinstance(size, int) and size < 1) or (is_share(size) and not 0.0 < size < 1.0)):
+        raise ValueError(f"{where}={size!r} is out of range (allowed: {SIZE_RULE})")
+
+
+def validate_layers(layers, where: str = "LayerReuseConfig.layers") -> list[int]:
+    """Explicit reuse layers: a non-empty list of distinct integers >= 0; returned sorted."""
+    layers = list(layers)
+    if not layers:
+        raise ValueError(f"{where} must name at least one layer index (allowed: a non-empty list of indices >= 0)")
+    for idx in layers:
+        if isinstance(idx, bool) or not isinstance(idx, int) or idx < 0:
+            raise ValueError(f"{where}={layers!r} holds {idx!r} (allowed: a non-empty list of layer indices >= 0)")
+    dupes = sorted({i for i in layers if layers.count(i) > 1})
+    if dupes:
+        raise ValueError(f"{where}={layers!r} has duplicate indices {dupes} (allowed: distinct indices)")
+    return sorted(layers)
+
+
+def validate_block_sizes(block_size, small_block_size) -> None:
+    for name, value in (("block_size", block_size), ("small_block_size", small_block_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name}={value!r} is out of range (allowed: a positive integer)")
+    if block_size % small_block_size:
+        raise ValueError(
+            f"small_block_size={small_block_size} must divide block_size={block_size} "
+            "(allowed: a divisor of block_size, e.g. 8 for 32)"
+        )
+
+
+def validate_threshold(threshold) -> None:
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
+        raise ValueError(f"threshold={threshold!r} is out of range (allowed: 0 < threshold <= 1)")
+
+
+def size_label(size) -> str:
+    """How a size appears in names: the count, or the share with 3 significant digits (0.429)."""
+    return f"{size:.3g}" if is_share(size) else str(size)
+
 
 @dataclass
 class LayerReuseConfig:
@@ -42,7 +98,8 @@ class LayerReuseConfig:
 
     k: int = 1
     subset: str | None = "first"
-    size: int = 12
+    # An int is a count of layers; a float in (0, 1) a share of the model's layers (see resolve_layers).
+    size: int | float = DEFAULT_REUSE_SIZE
     layers: list[int] | None = None
     mode: str = "output"
 
@@ -52,30 +109,30 @@ class LayerReuseConfig:
         if self.mode not in REUSE_MODES:
             raise ValueError(f"LayerReuseConfig.mode must be one of {list(REUSE_MODES)}, got {self.mode!r}")
         if self.layers is not None:
-            layers = list(self.layers)
-            if not layers:
-                raise ValueError("LayerReuseConfig.layers must name at least one layer index")
-            for idx in layers:
-                if isinstance(idx, bool) or not isinstance(idx, int) or idx < 0:
-                    raise ValueError(f"LayerReuseConfig.layers must hold non-negative integers, got {idx!r}")
-            if len(set(layers)) != len(layers):
-                dupes = sorted({i for i in layers if layers.count(i) > 1})
-                raise ValueError(f"LayerReuseConfig.layers has duplicate layer indices {dupes}")
-            self.layers = sorted(layers)
+            self.layers = validate_layers(self.layers)
             self.subset = None
         else:
             if self.subset not in SUBSETS:
                 raise ValueError(
                     f"LayerReuseConfig.subset must be one of {list(SUBSETS)} (or give explicit `layers`), got {self.subset!r}"
                 )
-            if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
-                raise ValueError(f"LayerReuseConfig.size must be an integer >= 1, got {self.size!r}")
+            validate_size(self.size)
+
+    def layer_count(self, num_layers: int) -> int:
+        """How many layers `size` means for a model of `num_layers` layers.
+
+        A count is itself; a share s is round(s * num_layers), halves rounded up, and at least 1
+        (the default 12/28 gives 12 of 28, 6 of 14, 2 of 4, 1 of 2).
+        """
+        if not is_share(self.size):
+            return self.size
+        return max(1, math.floor(self.size * num_layers + 0.5))
 
     def resolve_layers(self, num_layers: int) -> tuple[int, ...]:
         """The target layer indices for a model of `num_layers` decoder layers.
 
-        first = layers 1..size (layer 0 always runs), middle = `size` layers centred in the stack,
-        last = the final `size` layers.
+        first = layers 1..n (layer 0 always runs), middle = n layers centred in the stack,
+        last = the final n layers, where n = `layer_count(num_layers)`.
         """
         if self.layers is not None:
             bad = [i for i in self.layers if i >= num_layers]
@@ -84,22 +141,25 @@ class LayerReuseConfig:
                     f"LayerReuseConfig.layers {bad} out of range: the model has {num_layers} layers (0..{num_layers - 1})"
                 )
             return tuple(self.layers)
-        if self.size >= num_layers:
+        n = self.layer_count(num_layers)
+        if n >= num_layers:
+            share = f" ({self.size:.3g} of {num_layers} layers rounds to {n})" if is_share(self.size) else ""
             raise ValueError(
-                f"LayerReuseConfig.size must be smaller than the number of layers ({num_layers}), got {self.size}"
+                f"LayerReuseConfig.size={self.size!r}{share} is too large for a model of {num_layers} layers "
+                f"(allowed: at most {num_layers - 1} layers, or a share such as the default {DEFAULT_REUSE_SIZE:.3g})"
             )
         if self.subset == "first":
             start = 1
         elif self.subset == "middle":
-            start = (num_layers - self.size) // 2
+            start = (num_layers - n) // 2
         else:
-            start = num_layers - self.size
-        return tuple(range(start, start + self.size))
+            start = num_layers - n
+        return tuple(range(start, start + n))
 
     @property
     def label(self) -> str:
-        """A short, filesystem-safe name, e.g. `k2-first12-output`."""
-        where = f"{self.subset}{self.size}" if self.layers is None else "layers" + "_".join(map(str, self.layers))
+        """A short, filesystem-safe name, e.g. `k2-first12-output` (a share: `k2-first0.429-output`)."""
+        where = f"{self.subset}{size_label(self.size)}" if self.layers is None else "layers" + "_".join(map(str, self.layers))
         return f"k{self.k}-{where}-{self.mode}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -187,13 +247,8 @@ def resolve_settings(
                            DIFFUSION_DEFAULTS["threshold"])
     use_block_cache = _first_set(getattr(call_config, "use_block_cache", None),
                                  getattr(model_config_defaults, "use_block_cache", None), DIFFUSION_DEFAULTS["use_block_cache"])
-    for name, value in (("block_size", block_size), ("small_block_size", small)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if block_size % small != 0:
-        raise ValueError(f"small_block_size ({small}) must divide block_size ({block_size})")
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not (0 < threshold <= 1):
-        raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
+    validate_block_sizes(block_size, small)
+    validate_threshold(threshold)
     if not isinstance(use_block_cache, bool):
         raise ValueError(f"use_block_cache must be True or False, got {use_block_cache!r}")
 

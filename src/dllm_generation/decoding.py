@@ -246,6 +246,9 @@ class BlockDiffusionDecoder:
         bs, sbs = s.block_size, s.small_block_size
         nsb = bs // sbs
         n_rows = block.shape[0]
+        # A row already finished here got a stop token from the prefill or the commit forward as
+        # this block's first token: it ends now, without denoising the rest of the block.
+        stopped = finished.tolist()
         sub_idx = [0] * n_rows
         steps = [0] * n_rows
         ready = [False] * n_rows  # the row's block K/V were computed by a whole-block forward
@@ -257,6 +260,8 @@ class BlockDiffusionDecoder:
             first_masked = masked[:, ::sbs].tolist()
             plans = {}
             for r in range(n_rows):
+                if stopped[r]:
+                    continue
                 cur = sub_idx[r]
                 while cur < nsb and not has_mask[r][cur]:
                     cur += 1

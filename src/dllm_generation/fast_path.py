@@ -482,8 +482,11 @@ class FastPathEngine:
             st.reuse_meta["reuse_end"][rows_R] = f["end"][:n_rows]
         picked = x[f["pick"][: n_rows * key.n_pick]]
         logits = runner.logits(runner.norm(picked))
-        logits[:, key.mask_id].fill_(-math.inf)
-        conf, tok = torch.softmax(logits, dim=-1).max(dim=-1)
+        # As sampling.choose_tokens: softmax over the whole vocabulary, mask token included; the
+        # mask token is then never chosen.
+        probs = torch.softmax(logits, dim=-1)
+        probs[:, key.mask_id] = 0.0
+        conf, tok = probs.max(dim=-1)
         if key.tail == "commit":
             st.out_tok[:n_rows].copy_(tok)
             return

@@ -4,11 +4,18 @@ It accepts ordinary HF inputs (left- or right-padded `input_ids` + `attention_ma
 every diffusion field before any compute, strips padding into per-row prompts, runs
 `BlockDiffusionDecoder`, and returns what HF `generate` returns: a tensor, or a
 `GenerateDecoderOnlyOutput` (with `stats`) when `return_dict_in_generate=True`.
+
+What block diffusion cannot honour is refused, as transformers refuses arguments a model does
+not use: logits processors, stopping criteria, constrained or assisted decoding, repetition
+penalties, extra outputs. Decoding picks tokens for many positions at once from one forward, so
+token-by-token hooks have nothing to act on. Such settings inherited from the model's own
+generation config (an instruct checkpoint's sampling defaults) are ignored with a warning.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +29,54 @@ from .fast_path import select_fast_path
 from .runner import LayerStackRunner
 
 
+logger = logging.getLogger(__name__)
+
+# generate() arguments of transformers' token-by-token decoding; any value but these is refused.
+UNSUPPORTED_ARGUMENTS = {
+    "logits_processor": None, "stopping_criteria": None, "prefix_allowed_tokens_fn": None, "assistant_model": None,
+    "assistant_tokenizer": None, "negative_prompt_ids": None, "negative_prompt_attention_mask": None,
+    "synced_gpus": False, "past_key_values": None, "cache": None, "custom_generate": None, "position_ids": None,
+    "token_type_ids": None,
+}
+# Accepted and without effect here: transformers passes `tokenizer` for stop strings (refused below).
+NEUTRAL_ARGUMENTS = ("use_cache", "tokenizer")
+# GenerationConfig fields that would change the output, with the value that means "off".
+UNSUPPORTED_FIELDS = {
+    "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None, "force_words_ids": None, "suppress_tokens": None,
+    "begin_suppress_tokens": None, "sequence_bias": None, "constraints": None, "forced_bos_token_id": None,
+    "forced_eos_token_id": None, "exponential_decay_length_penalty": None, "min_length": 0, "min_new_tokens": 0,
+    "stop_strings": None, "max_time": None, "guidance_scale": 1.0, "watermarking_config": None,
+    "penalty_alpha": None, "dola_layers": None, "diversity_penalty": 0.0, "num_beam_groups": 1,
+    "prompt_lookup_num_tokens": None, "output_scores": False, "output_logits": False, "output_attentions": False,
+    "output_hidden_states": False, "token_healing": False, "renormalize_logits": False,
+}
+# Sampling filters: used only when sampling (as in transformers); top_p is honoured.
+UNSUPPORTED_SAMPLING_FIELDS = {"top_k": 0, "min_p": None, "top_h": None, "typical_p": 1.0, "epsilon_cutoff": 0.0,
+                               "eta_cutoff": 0.0}
+
+
+_WARNED: set = set()  # inherited-field warnings already given (once per process)
+
+
+def _is_set(value, off) -> bool:
+    if value is None or value is off or value == off:
+        return False
+    return not (isinstance(value, (list, tuple, dict)) and not value)
+
+
+def check_token_ids(rows: list[list[int]], vocab_size: int, what: str = "input_ids") -> None:
+    """Every id must index the embedding table: checked on the host before any forward (an id
+    outside it is an IndexError on the CPU and a device-side assert on CUDA)."""
+    for i, row in enumerate(rows):
+        bad = [t for t in row if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(
+                f"{what} row {i} holds token id {bad[0]} outside the model's vocabulary (allowed: 0..{vocab_size - 1}); "
+                "was it made by another model's tokenizer?"
+            )
+
+
 @dataclass
 class BlockDiffusionGenerateOutput(GenerateDecoderOnlyOutput):
     """HF's decoder-only output plus the decode's run statistics."""
@@ -33,6 +88,29 @@ class BlockDiffusionGenerationMixin:
     """Mix in before a transformers causal-LM class to make `generate` block-diffusion decoding."""
 
     last_generation_stats: dict[str, Any] | None = None
+
+    def _check_generation_fields(self, call_config, *, explicit: bool, kwargs: dict) -> None:
+        """Refuse output-changing fields the caller set; ignore (with a warning) those that only the
+        model's own generation config carries."""
+        fields = dict(UNSUPPORTED_FIELDS)
+        sampling = bool(getattr(call_config, "do_sample", False)) and (getattr(call_config, "temperature", None) or 0) > 0
+        if sampling:
+            fields.update(UNSUPPORTED_SAMPLING_FIELDS)
+        found = {name: getattr(call_config, name, None) for name, off in fields.items()
+                 if _is_set(getattr(call_config, name, None), off)}
+        given = {name: v for name, v in found.items() if explicit or name in kwargs}
+        if given:
+            raise ValueError(
+                "generation settings block-diffusion decoding cannot honour: "
+                + ", ".join(f"{name}={value!r}" for name, value in sorted(given.items()))
+                + " (supported: max_new_tokens/max_length, do_sample, temperature, top_p, eos/pad ids and the "
+                "diffusion fields); remove them"
+            )
+        inherited = tuple(sorted(set(found) - set(given)))
+        if inherited and inherited not in _WARNED:
+            _WARNED.add(inherited)
+            logger.warning("ignoring the model's generation_config fields %s: block-diffusion decoding does not use them",
+                           ", ".join(f"{n}={found[n]!r}" for n in inherited))
 
     def _diffusion_call_config(self, generation_config, kwargs):
         config = copy.deepcopy(generation_config) if generation_config is not None else copy.deepcopy(self.generation_config)
@@ -51,12 +129,17 @@ class BlockDiffusionGenerationMixin:
         input_ids = inputs if inputs is not None else model_kwargs.pop("input_ids", None)
         attention_mask = model_kwargs.pop("attention_mask", None)
         generator = model_kwargs.pop("generator", None)
-        for ignored in ("use_cache", "past_key_values", "cache", "logits_processor", "stopping_criteria",
-                        "prefix_allowed_tokens_fn", "synced_gpus", "assistant_model", "negative_prompt_ids",
-                        "negative_prompt_attention_mask", "tokenizer", "position_ids", "token_type_ids"):
-            model_kwargs.pop(ignored, None)
-        if model_kwargs:
-            raise ValueError(f"generate got unsupported arguments for block-diffusion decoding: {sorted(model_kwargs)}")
+        refused = sorted(name for name, off in UNSUPPORTED_ARGUMENTS.items()
+                         if name in model_kwargs and _is_set(model_kwargs.pop(name), off))
+        for name in NEUTRAL_ARGUMENTS:
+            model_kwargs.pop(name, None)
+        refused += sorted(model_kwargs)
+        if refused:
+            raise ValueError(
+                f"generate got arguments block-diffusion decoding cannot honour: {', '.join(refused)} (it commits many "
+                "tokens per forward, so token-by-token processors, criteria and cache inputs have nothing to act on)"
+            )
+        self._check_generation_fields(call_config, explicit=generation_config is not None, kwargs=kwargs)
         if input_ids is None:
             raise ValueError("input_ids must be given")
         if input_ids.dim() == 1:
@@ -75,6 +158,7 @@ class BlockDiffusionGenerationMixin:
         for i, p in enumerate(prompts):
             if not p:
                 raise ValueError(f"input_ids row {i} is empty after removing padding (attention_mask is all 0)")
+        check_token_ids(prompts, runner.embed.num_embeddings)
         layout = plan_layout([len(p) for p in prompts], settings.block_size, settings.max_new_tokens)
         max_pos = getattr(self.config, "max_position_embeddings", None)
         if max_pos is not None:

@@ -43,7 +43,9 @@ _DIFFUSION_CLASS_BY_MODEL_TYPE = {
     "qwen2": (Qwen2Config, BlockDiffusionQwen2ForCausalLM),
     "llama": (LlamaConfig, BlockDiffusionLlamaForCausalLM),
 }
+# What `load_model` reads (checkpoint architectures) and what `attach_block_diffusion` takes (loaded models).
 SUPPORTED_ARCHITECTURES = ("Fast_dLLM_QwenForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM")
+ATTACHABLE_CLASSES = (Qwen2ForCausalLM, LlamaForCausalLM)
 
 
 # Models shipped inside the package: name -> folder of the package that holds the checkpoint.
@@ -73,7 +75,24 @@ def resolve_pretrained(pretrained: str) -> str:
     )
 
 
-def _read_config_dict(pretrained: str, **hub_kwargs) -> dict:
+class _PipelineAcceptsDiffusionClasses(logging.Filter):
+    """transformers' text-generation pipeline checks a model's class *name* against its causal-LM
+    table and logs a multi-kilobyte "not supported" error for any other name. This library's
+    classes are those very classes plus a `generate`, so that error is dropped for them only."""
+
+    NAMES = (BlockDiffusionQwen2ForCausalLM.__name__, BlockDiffusionLlamaForCausalLM.__name__)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("The model '") and "is not supported for" in message
+                    and message[len("The model '"):].split("'", 1)[0] in self.NAMES)
+
+
+logging.getLogger("transformers.pipelines.base").addFilter(_PipelineAcceptsDiffusionClasses())
+
+
+def read_config_dict(pretrained: str, **hub_kwargs) -> dict:
+    """The checkpoint's config.json as a dict (a local folder or a Hub id)."""
     if os.path.isdir(pretrained):
         path = os.path.join(pretrained, "config.json")
     else:
@@ -127,7 +146,7 @@ def load_model(
     `pretrained` may name a shipped model (`"demo"`: a 14-layer model trained on `arith`).
     """
     pretrained = resolve_pretrained(pretrained)
-    raw = _read_config_dict(pretrained, **hub_kwargs)
+    raw = read_config_dict(pretrained, **hub_kwargs)
     config, model_cls = config_from_hub_dict(raw)
     if dtype is None:
         dtype = raw.get("torch_dtype") or raw.get("dtype") or torch.float32
@@ -206,18 +225,25 @@ def attach_block_diffusion(model: PreTrainedModel, *, tokenizer=None, mask_token
     The returned model shares every parameter and buffer with `model` (no copy of weights) but is
     an instance of the block-diffusion subclass; `model` itself is left untouched.
     """
-    model_type = getattr(model.config, "model_type", None)
-    if model_type not in _DIFFUSION_CLASS_BY_MODEL_TYPE or not isinstance(model, PreTrainedModel):
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    base_cls = next((c for c in ATTACHABLE_CLASSES if isinstance(model, c)), None)
+    if base_cls is None or model_type not in _DIFFUSION_CLASS_BY_MODEL_TYPE:
+        hint = (" Fast_dLLM checkpoints load with load_model(path), without remote code."
+                if model_type in FAST_DLLM_MODEL_TYPES else "")
         raise ValueError(
-            f"unsupported architecture: {type(model).__name__} (model_type={model_type!r}); "
-            f"supported: {list(SUPPORTED_ARCHITECTURES)}"
+            f"unsupported architecture: attach_block_diffusion got {type(model).__name__} (model_type={model_type!r}); "
+            f"it attaches to instances of {', '.join(c.__name__ for c in ATTACHABLE_CLASSES)}.{hint}"
         )
     _, model_cls = _DIFFUSION_CLASS_BY_MODEL_TYPE[model_type]
     if isinstance(model, model_cls):
         view = model
     else:
         if not isinstance(model, model_cls.__mro__[2]):
-            raise ValueError(f"unsupported architecture: {type(model).__name__}; supported: {list(SUPPORTED_ARCHITECTURES)}")
+            raise ValueError(
+                f"unsupported architecture: {type(model).__name__} is a {base_cls.__name__} but its config says "
+                f"model_type={model_type!r}"
+            )
         view = copy.copy(model)
         # Fresh registries so adding a module to one object never changes the other.
         for registry in ("_modules", "_parameters", "_buffers"):

@@ -12,6 +12,7 @@ import torch
 
 from .cache import BlockDiffusionCache
 from .decoding import DecodeStats
+from .generation import check_token_ids
 from .runner import LayerStackRunner
 
 
@@ -31,6 +32,8 @@ def loglikelihood(model, contexts: list[list[int]], continuations: list[list[int
         if not c or not x:
             raise ValueError(f"pair {i}: context and continuation must both be non-empty")
     runner = LayerStackRunner(model)
+    check_token_ids(contexts, runner.embed.num_embeddings, "contexts")
+    check_token_ids(continuations, runner.embed.num_embeddings, "continuations")
     stats = DecodeStats()
     start = time.perf_counter()
     scores: list[float] = []

@@ -8,7 +8,7 @@ from importlib import resources
 
 import torch
 
-from ..training.trainer import tokenize_chat_example
+from ..training.examples import tokenize_chat_example
 from .problems import Difficulty, Problem, Split, generate, problem_at
 
 TEST_SET_SIZE = 1000

@@ -8,17 +8,25 @@
   dataset order) at the end.
 - `batches.jsonl`: the same scheme, one line of throughput counters per batch, so a resumed
   run's throughput still covers every prompt.
-- `run.json`: the settings that decide the outputs, written when the run starts; a resumed run
-  with other settings is refused instead of mixing two configurations in one file.
+- `run.json`: the settings that decide the outputs, written once the run can start (its model is
+  loaded); a resumed run with other settings is refused instead of mixing two configurations in
+  one file. A folder without results never refuses anything.
+- `.replaced/`: while a `--force` run replaces earlier results, they wait here until the new run
+  has written its first result, and are then removed. A run that stops before that puts them
+  back when the folder is next used, so a failed replacement loses nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import logging
 import os
+import shutil
+import signal
 import tempfile
+import threading
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +34,7 @@ SUMMARY = "summary.json"
 IDENTITY = "run.json"
 SAMPLES = "samples.jsonl"
 BATCHES = "batches.jsonl"
+REPLACED = ".replaced"
 
 
 def write_json_atomic(path: str, data) -> None:
@@ -104,15 +113,47 @@ class RunFiles:
     def has_summary(self) -> bool:
         return os.path.exists(self.summary)
 
-    def clear(self) -> None:
-        """Remove this run's files (for --force)."""
-        for path in [self.summary, self.identity, *self._all(SAMPLES), *self._all(BATCHES)]:
-            if os.path.exists(path):
-                os.remove(path)
+    def result_paths(self) -> list[str]:
+        """The files that hold finished work (samples, counters, summary) of any process."""
+        paths = [*self._all(SAMPLES), *self._all(BATCHES)]
+        return paths + ([self.summary] if self.has_summary() else [])
+
+    def has_results(self) -> bool:
+        return bool(self.result_paths())
+
+    @property
+    def replaced_dir(self) -> str:
+        return os.path.join(self.dir, REPLACED)
+
+    def begin(self, identity: dict, *, replace: bool) -> None:
+        """Main process, once the run can start: set earlier results aside (`replace`), write run.json.
+
+        Set-aside files are removed by the first `append` (the new run's first result).
+        """
+        if replace and self.has_results():
+            os.makedirs(self.replaced_dir)
+            for path in [*self.result_paths(), self.identity]:
+                if os.path.exists(path):
+                    os.replace(path, os.path.join(self.replaced_dir, os.path.basename(path)))
+            logger.info("--force: earlier results in %s set aside until this run writes its first result", self.dir)
+        if replace or not self.has_results() or not os.path.exists(self.identity):
+            write_json_atomic(self.identity, identity)
+
+    def settle_replaced(self) -> None:
+        """Finish a replacement the last run started: drop the old files if it wrote a result, else restore them."""
+        if not os.path.isdir(self.replaced_dir):
+            return
+        if self.has_results():
+            shutil.rmtree(self.replaced_dir)
+            return
+        for name in os.listdir(self.replaced_dir):
+            os.replace(os.path.join(self.replaced_dir, name), os.path.join(self.dir, name))
+        os.rmdir(self.replaced_dir)
+        logger.warning("%s: a --force run stopped before its first result; earlier results restored", self.dir)
 
     def identity_conflicts(self, identity: dict) -> list[str]:
-        """Settings that differ from those the files in this folder were made with."""
-        if not os.path.exists(self.identity):
+        """Settings that differ from those the results in this folder were made with (none without results)."""
+        if not os.path.exists(self.identity) or not self.has_results():
             return []
         stored = read_json(self.identity)
         return [f"{k}: {stored.get(k)!r} (stored) != {identity.get(k)!r} (now)"
@@ -140,10 +181,17 @@ class RunFiles:
         return [r for path in self._all(BATCHES) for r in read_jsonl(path)[0]]
 
     def append(self, samples: list[dict], batch: dict) -> None:
-        """Record one finished batch: its samples first (what resume trusts), then its counters."""
+        """Record one finished batch: its samples first (what resume trusts), then its counters.
+
+        Ctrl-C is held back until both are on disk, so an interrupt never splits a batch's records.
+        The first result of a `--force` run also removes the results it replaces.
+        """
         os.makedirs(self.dir, exist_ok=True)
-        append_jsonl(self.samples_path(), samples)
-        append_jsonl(self.batches_path(), [batch])
+        with interrupts_deferred():
+            append_jsonl(self.samples_path(), samples)
+            append_jsonl(self.batches_path(), [batch])
+        if os.path.isdir(self.replaced_dir):
+            shutil.rmtree(self.replaced_dir)
 
     def consolidate(self, samples: list[dict], batches: list[dict]) -> None:
         """Main process: one `samples.jsonl` / `batches.jsonl` in final order; per-rank files removed."""
@@ -151,6 +199,22 @@ class RunFiles:
         write_jsonl_atomic(self.batches_path(0), batches)
         for path in self._all(SAMPLES)[1:] + self._all(BATCHES)[1:]:
             os.remove(path)
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Hold SIGINT (Ctrl-C) until the block is done, then deliver it (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda *args: received.append(args))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received and callable(previous):
+            previous(*received[0])
 
 
 def write_text_atomic(path: str, text: str) -> None:

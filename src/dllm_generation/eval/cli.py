@@ -1,4 +1,8 @@
-"""Command lines of `eval_scripts/*.py`: one shared argument set, checked before anything loads."""
+"""Command lines of `dllm-eval` and `eval_scripts/*.py`: one shared argument set, checked before anything loads.
+
+Every failure a user can fix (bad options, unreadable data, a model that cannot load, Ctrl-C)
+ends with one line on stderr and a non-zero exit code, never a traceback.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+from fractions import Fraction
 
 from .data import DataUnavailableError
 from .model_calls import ModelUnavailableError
@@ -35,6 +40,27 @@ def _str_list(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
+def _size(text: str) -> int | float:
+    """A reuse size: "12" is a count of layers; "0.5" or "3/7" a share of them."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(Fraction(text.strip()))
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"expected a layer count (12) or a share of the layers (0.5, 3/7), got {text!r}") from None
+
+
+def _size_list(text: str) -> list[int | float]:
+    return [_size(x) for x in text.split(",") if x.strip()]
+
+
+DEFAULT_SIZE_TEXT = str(Fraction(DEFAULTS.size).limit_denominator(100))  # "3/7": 12 of 28 layers
+SIZE_HELP = ("layers in the subset: a count (12) or a share of the model's layers (0.5, 3/7; rounded half up, "
+             "at least 1); the default share is 12 of 28 layers, 6 of 14")
+
+
 def add_shared_arguments(parser: argparse.ArgumentParser, *, grid: bool = False, mmlu: bool = False) -> None:
     """The arguments every task script and the grid share. In a grid, reuse knobs take lists."""
     m = parser.add_argument_group("model")
@@ -49,12 +75,12 @@ def add_shared_arguments(parser: argparse.ArgumentParser, *, grid: bool = False,
     if grid:
         r.add_argument("--k", type=_int_list, default="1,2,3", help="reuse periods")
         r.add_argument("--subset", type=_str_list, default=",".join(SUBSETS), help=f"from {', '.join(SUBSETS)}")
-        r.add_argument("--size", type=_int_list, default=str(DEFAULTS.size), help="layers in the subset")
+        r.add_argument("--size", type=_size_list, default=DEFAULT_SIZE_TEXT, help=SIZE_HELP + "; comma-separated")
         r.add_argument("--mode", type=_str_list, default=DEFAULTS.mode, help=f"from {', '.join(REUSE_MODES)}")
     else:
         r.add_argument("--k", type=int, default=DEFAULTS.k, help="recompute reused layers every k denoising steps; 1 = no reuse")
         r.add_argument("--subset", default=DEFAULTS.subset, choices=SUBSETS, help="which layers are reused")
-        r.add_argument("--size", type=int, default=DEFAULTS.size, help="how many layers the subset has")
+        r.add_argument("--size", type=_size, default=DEFAULT_SIZE_TEXT, help=SIZE_HELP)
         r.add_argument("--mode", default=DEFAULTS.mode, choices=REUSE_MODES, help="reuse a layer's output or its residual update")
     r.add_argument("--layers", type=_int_list, default=None, help="explicit layer indices (instead of subset/size)")
 
@@ -93,9 +119,9 @@ def add_shared_arguments(parser: argparse.ArgumentParser, *, grid: bool = False,
     o.add_argument("--log-level", default="INFO", help="logging level")
 
 
-def build_parser(task: str) -> argparse.ArgumentParser:
+def build_parser(task: str, prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=f"{task}.py",
+        prog=prog,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description=f"Evaluate a Fast-dLLM v2 model on {task} with block-diffusion decoding and layer reuse; "
         "writes <output-dir>/" + task + "/<config>/{summary.json,samples.jsonl}. Resumes interrupted runs.",
@@ -111,9 +137,15 @@ def options_from_args(task: str, args: argparse.Namespace, **overrides) -> EvalO
     return EvalOptions(task=task, **fields)
 
 
-def main(task: str, argv: list[str] | None = None) -> int:
+# Errors a user can act on: reported as one line, not a traceback.
+USER_ERRORS = (DataUnavailableError, ModelUnavailableError, InvalidOptionError)
+INTERRUPTED = "interrupted; rerun the same command to resume"
+EXIT_INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
+
+
+def main(task: str, argv: list[str] | None = None, *, prog: str | None = None) -> int:
     """One task: parse, validate, run, print a one-line result."""
-    parser = build_parser(task)
+    parser = build_parser(task, prog)
     args = parser.parse_args(argv)
     _setup_logging(args.log_level)
     try:
@@ -125,9 +157,10 @@ def main(task: str, argv: list[str] | None = None) -> int:
 
     try:
         summary = run_eval(options)
-    except (DataUnavailableError, ModelUnavailableError, InvalidOptionError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except USER_ERRORS as err:
+        return _error(err)
+    except KeyboardInterrupt:
+        return _interrupted()
     finally:
         shutdown()
     if _is_main():
@@ -135,12 +168,13 @@ def main(task: str, argv: list[str] | None = None) -> int:
     return 0
 
 
-def grid_main(argv: list[str] | None = None) -> int:
+def grid_main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="run_grid.py",
+        prog=prog,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Run every k × subset (× size × mode) configuration of one task; configurations whose "
-        "summary.json exists are skipped (unless --force), interrupted ones resume.",
+        "summary.json covers the requested rows are skipped (unless --force), interrupted ones resume, and a "
+        "larger --limit extends finished ones.",
     )
     parser.add_argument("--task", required=True, choices=TASKS)
     add_shared_arguments(parser, grid=True)
@@ -158,28 +192,70 @@ def grid_main(argv: list[str] | None = None) -> int:
 
     try:
         outcome = run_grid(cells, max_runs=args.max_runs, say=print if _is_main() else (lambda *a, **k: None))
-    except (DataUnavailableError, ModelUnavailableError, InvalidOptionError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except USER_ERRORS as err:
+        return _error(err)
+    except KeyboardInterrupt:
+        return _interrupted()
     finally:
         shutdown()
     return 1 if outcome.failed else 0
 
 
-def report_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="report.py", description="Build results.md and plots from artifacts/*/*/summary.json",
+def report_main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog, description="Build results.md and plots from artifacts/*/*/summary.json",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("root", nargs="?", default="artifacts", help="artifacts folder")
     parser.add_argument("--output", default=None, help="markdown path (default: <root>/results.md)")
-    parser.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
+    parser.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
+                        help="write accuracy-vs-throughput PNG plots beside the markdown")
     args = parser.parse_args(argv)
     if not os.path.isdir(args.root):
         parser.error(f"root={args.root!r} is not a folder (expected the --output-dir of earlier runs)")
     from .report import build_report
 
-    path = build_report(args.root, output=args.output, plots=args.plots)
+    try:
+        path = build_report(args.root, output=args.output, plots=args.plots)
+    except KeyboardInterrupt:
+        return _interrupted()
     print(f"wrote {path}")
     return 0
+
+
+COMMANDS = {**{task: f"evaluate one task ({task})" for task in TASKS},
+            "grid": "run every k × subset (× size × mode) configuration of a task",
+            "report": "results.md and plots from finished runs"}
+
+
+def console_main(argv: list[str] | None = None) -> int:
+    """`dllm-eval <command> ...`: the console entry point over the task, grid and report commands."""
+    from .. import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="dllm-eval",
+        description="Evaluate block-diffusion decoding with layer reuse. Commands: "
+        + "; ".join(f"{name}: {what}" for name, what in COMMANDS.items())
+        + ". `dllm-eval <command> --help` lists a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("command", choices=list(COMMANDS), help="what to run")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="the command's own options")
+    ns = parser.parse_args(argv)
+    prog = f"dllm-eval {ns.command}"
+    if ns.command == "grid":
+        return grid_main(ns.args, prog=prog)
+    if ns.command == "report":
+        return report_main(ns.args, prog=prog)
+    return main(ns.command, ns.args, prog=prog)
+
+
+def _error(err: Exception) -> int:
+    print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+    return 1
+
+
+def _interrupted() -> int:
+    print(INTERRUPTED, file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 def result_line(summary: dict, run_dir: str) -> str:

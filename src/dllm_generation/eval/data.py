@@ -1,10 +1,14 @@
 """Benchmark rows for each task, from the Hugging Face Hub or from local files, in one shape.
 
-Hub ids go through `datasets.load_dataset` (imported lazily: the GPU box may not have it).
-Local JSON Lines / JSON / CSV files are read with the standard library, so an offline machine
-without `datasets` can still evaluate. Every row becomes an `Example(id, doc)`; the `doc` keeps
-the source fields and, for multiple-choice tasks, adds `choices` / `answer` (index) /
-`answer_letter` so prompts and metrics read one schema whatever the source.
+Hub ids go through `datasets.load_dataset` (imported only then, so evaluating local files does
+not need it). Local JSON Lines / JSON / CSV files are read with the standard library, so an
+offline machine without `datasets` can still evaluate. Every row becomes an `Example(id, doc)`;
+the `doc` keeps the source fields and, for multiple-choice tasks, adds `choices` / `answer`
+(index) / `answer_letter` so prompts and metrics read one schema whatever the source.
+
+Every row is checked for the fields its task reads before anything is decoded, so a wrong file
+(another task's data, a missing column, a malformed line) stops the run at once with the file,
+the line or row, and what was expected.
 """
 
 from __future__ import annotations
@@ -18,10 +22,10 @@ import random
 from dataclasses import dataclass, field
 
 from ..arith.data import test_set_path as arith_test_set_path
+from .metrics.choices import LETTERS
 
 logger = logging.getLogger(__name__)
 
-LETTERS = "ABCD"
 MMLU_COLUMNS = ("question", "A", "B", "C", "D", "answer_letter")
 GPQA_WRONG = ("Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3")
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -42,6 +46,18 @@ HUB_SOURCES = {
     "mmlu": HubSource("cais/mmlu", "all", "test", fewshot_split="dev"),
     "gpqa": HubSource("Idavidrein/gpqa", "gpqa_main", "train"),
 }
+
+# Fields each task reads from a row (prompts and metrics); checked before anything is decoded.
+# A tuple inside the tuple means "at least one of these".
+REQUIRED_FIELDS: dict[str, tuple] = {
+    "gsm8k": ("question", "answer"),
+    "arith": ("question", "answer"),
+    "math": ("problem", ("answer", "solution")),
+    "ifeval": ("prompt", "instruction_id_list", "kwargs"),
+    "mmlu": ("question", "choices", "answer"),
+    "gpqa": ("Question", "Correct Answer", *GPQA_WRONG),
+}
+SPLIT_NAMES = ("test", "train", "validation", "dev", "val")
 
 # What to pass with --data-files when the Hub cannot be reached (paths as in shared/data).
 LOCAL_HINTS = {
@@ -76,22 +92,28 @@ class TaskData:
 
 # ---------------------------------------------------------------------------- entry point
 def load_task_data(options) -> TaskData:
-    """Read the evaluation rows (and few-shot rows when the prompt needs them) for `options.task`."""
+    """Read the evaluation rows (and few-shot rows when the prompt needs them) for `options.task`.
+
+    Every row is checked for the fields the task reads; an empty source is refused.
+    """
     task = options.task
     need_fewshot = options.fewshot > 0
+    hub = HUB_SOURCES.get(task, HubSource(options.dataset, None, "test"))
+    hub = HubSource(
+        options.dataset or hub.path,
+        options.dataset_config if options.dataset_config is not None else hub.config,
+        options.split or hub.split,
+        hub.fewshot_split,
+    )
     if options.data_files:
-        rows, fewshot_rows, source = _read_local(task, options.data_files, options.fewshot_files, need_fewshot)
+        rows, fewshot_rows, source = _read_local(task, options.data_files, options.fewshot_files, need_fewshot,
+                                                 split=hub.split)
     elif task == "arith" and not options.dataset:
-        rows, fewshot_rows, source = _read_local(task, [arith_test_set_path()], None, False)
+        rows, fewshot_rows, source = _read_local(task, [arith_test_set_path()], None, False, split="test")
     else:
-        hub = HUB_SOURCES.get(task, HubSource(options.dataset, None, "test"))
-        hub = HubSource(
-            options.dataset or hub.path,
-            options.dataset_config if options.dataset_config is not None else hub.config,
-            options.split or hub.split,
-            hub.fewshot_split,
-        )
         rows, fewshot_rows, source = _read_hub(task, hub, need_fewshot)
+    if not rows:
+        raise DataUnavailableError(f"{task} data from {_where(source)} has no rows; expected {LOCAL_HINTS[task]}")
     examples = _to_examples(task, rows, seed=options.seed)
     total = len(examples)
     if options.limit is not None:
@@ -99,6 +121,38 @@ def load_task_data(options) -> TaskData:
     fewshot = _fewshot_pool(task, fewshot_rows, options.fewshot, seed=options.seed) if need_fewshot else {}
     source.update(total=total, count=len(examples), limit=options.limit, num_fewshot=options.fewshot)
     return TaskData(examples=examples, fewshot=fewshot, source=source)
+
+
+def check_fields(task: str, rows: list[dict], where: str, *, first_line: int | None = None) -> None:
+    """Refuse rows that lack a field the task reads (e.g. another task's file), naming the first one.
+
+    `first_line`: the file line of rows[0] when rows are lines of a JSON Lines file (1-based),
+    so the message can point at it; otherwise rows are counted from 0.
+    """
+    required = REQUIRED_FIELDS[task]
+    for i, row in enumerate(rows):
+        place = f"line {first_line + i}" if first_line is not None else f"row {i}"
+        if not isinstance(row, dict):
+            raise DataUnavailableError(f"{where}: {place} is a {type(row).__name__}, not an object with fields")
+        for need in required:
+            options = need if isinstance(need, tuple) else (need,)
+            if not any(name in row for name in options):
+                wanted = " or ".join(repr(n) for n in options)
+                have = ", ".join(sorted(map(str, row))[:8]) or "none"
+                raise DataUnavailableError(
+                    f"{where}: {place} has no field {wanted} (fields: {have}); {task} rows need "
+                    f"{', '.join(_field_names(required))}. Is this {task} data? Expected {LOCAL_HINTS[task]}"
+                )
+
+
+def _field_names(required: tuple) -> list[str]:
+    return [" or ".join(n) if isinstance(n, tuple) else n for n in required]
+
+
+def _where(source: dict) -> str:
+    if source.get("kind") == "hub":
+        return f"Hub dataset {source['path']!r} (config={source['config']!r}, split={source['split']!r})"
+    return ", ".join(repr(p) for p in source.get("files", []))
 
 
 # ---------------------------------------------------------------------------- hub
@@ -128,21 +182,28 @@ def _load_hub_split(task: str, path: str, config: str | None, split: str) -> lis
         ds = datasets.load_dataset(path, name=config, split=split)
     except Exception as err:  # offline, gated, unknown id, bad split: all mean "pass files instead"
         raise DataUnavailableError(
-            f"cannot load {task} data from {tried}: {type(err).__name__}: {str(err).rstrip('.')}. "
+            f"cannot load {task} data from {tried}: {type(err).__name__}: {_one_line(err)}. "
             f"If this machine is offline or the dataset is gated, pass local files: {LOCAL_HINTS[task]}"
         ) from err
-    return ds.to_list()
+    rows = ds.to_list()
+    check_fields(task, rows, tried)
+    return rows
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split()).rstrip(".")
 
 
 # ---------------------------------------------------------------------------- local files
-def _read_local(task: str, data_files: list[str], fewshot_files: list[str] | None, need_fewshot: bool):
+def _read_local(task: str, data_files: list[str], fewshot_files: list[str] | None, need_fewshot: bool, *,
+                split: str):
     if task == "mmlu":
-        return _read_local_mmlu(data_files, fewshot_files, need_fewshot)
-    files = _expand(data_files, task)
+        return _read_local_mmlu(data_files, fewshot_files, need_fewshot, split=split)
+    files = _expand(data_files, task, split=split)
     rows = [row for path in files for row in _read_file(path, task)]
     fewshot_rows = None
     if need_fewshot:
-        fs_files = _expand(fewshot_files, task) if fewshot_files else _sibling_train(files)
+        fs_files = _expand(fewshot_files, task, split="train") if fewshot_files else _sibling_train(files)
         if not fs_files:
             raise DataUnavailableError(
                 f"{task} few-shot prompts need training rows: none found beside {files[0]!r}; "
@@ -155,8 +216,14 @@ def _read_local(task: str, data_files: list[str], fewshot_files: list[str] | Non
     return rows, fewshot_rows, source
 
 
-def _expand(paths: list[str], task: str) -> list[str]:
-    """Files named directly, plus the data files inside named folders (sorted)."""
+def _expand(paths: list[str], task: str, *, split: str) -> list[str]:
+    """Files named directly, plus the data files of `split` inside named folders.
+
+    A folder contributes the files whose name says they are `split` (`test.jsonl`,
+    `gsm8k_test.csv`, ...), or its only data file. A folder holding several files, none of them
+    named for `split`, is ambiguous and refused: silently mixing a training split into the
+    evaluation rows is exactly what this guards against.
+    """
     out: list[str] = []
     for path in paths:
         if os.path.isdir(path):
@@ -165,12 +232,25 @@ def _expand(paths: list[str], task: str) -> list[str]:
                 raise DataUnavailableError(
                     f"no {', '.join(LOCAL_SUFFIXES)} files in folder {path!r}; expected {LOCAL_HINTS[task]}"
                 )
-            out.extend(found)
+            out.extend(_files_of_split(found, split, path))
         elif os.path.isfile(path):
             out.append(path)
         else:
             raise DataUnavailableError(f"data file {path!r} does not exist; expected {LOCAL_HINTS[task]}")
     return out
+
+
+def _files_of_split(found: list[str], split: str, folder: str) -> list[str]:
+    if len(found) == 1:
+        return found
+    mine = [p for p in found if _split_from_name(p) == split]
+    if mine:
+        return mine
+    names = ", ".join(os.path.basename(p) for p in found)
+    raise DataUnavailableError(
+        f"folder {folder!r} holds several data files ({names}) and none is named for the {split!r} split; "
+        f"name the file itself with --data-files, or pick the split with --split"
+    )
 
 
 def _sibling_train(files: list[str]) -> list[str]:
@@ -180,60 +260,95 @@ def _sibling_train(files: list[str]) -> list[str]:
 
 def _split_from_name(path: str) -> str:
     stem = os.path.splitext(os.path.basename(path))[0]
-    for split in ("test", "train", "validation", "dev", "val"):
+    for split in SPLIT_NAMES:
         if stem == split or stem.endswith("_" + split):
             return split
     return stem
 
 
 def _read_file(path: str, task: str, *, columns: tuple[str, ...] | None = None) -> list[dict]:
-    """Rows of one JSON Lines / JSON / CSV / Parquet file as dicts."""
+    """Rows of one JSON Lines / JSON / CSV / Parquet file as dicts, each checked for the task's fields
+    (MMLU's headerless CSVs, read with `columns`, are checked by `_mmlu_rows`)."""
+    where = f"{task} data file {path!r}"
     try:
         if path.endswith(".jsonl"):
             with open(path, encoding="utf-8") as f:
-                return [json.loads(line) for line in f if line.strip()]
+                rows, lines = _json_lines(f, where)
+            _check_lines(task, rows, lines, where)
+            return rows
         if path.endswith(".json"):
             with open(path, encoding="utf-8") as f:
                 text = f.read()
             try:
                 data = json.loads(text)
-            except json.JSONDecodeError:  # JSON Lines saved as .json
-                return [json.loads(line) for line in text.splitlines() if line.strip()]
+            except json.JSONDecodeError as err:
+                if not err.msg.startswith("Extra data"):
+                    raise DataUnavailableError(
+                        f"{where}: line {err.lineno} is not valid JSON ({err.msg} at column {err.colno})"
+                    ) from None
+                rows, lines = _json_lines(text.splitlines(), where)  # JSON Lines saved as .json
+                _check_lines(task, rows, lines, where)
+                return rows
             if isinstance(data, dict):
                 data = data.get("data") or data.get("rows") or next(iter(data.values()))
-            return list(data)
+            rows = list(data)
+            check_fields(task, rows, where)
+            return rows
         if path.endswith(".csv"):
             # newline="" lets the csv module handle CRLF and quoted fields spanning lines.
             with open(path, encoding="utf-8", newline="") as f:
                 if columns is None:
-                    return [dict(row) for row in csv.DictReader(f)]
+                    rows = [dict(row) for row in csv.DictReader(f)]
+                    check_fields(task, rows, where)
+                    return rows
                 return [dict(zip(columns, row)) for row in csv.reader(f) if row]
         if path.endswith(".parquet"):
             import pandas
 
-            return pandas.read_parquet(path).to_dict(orient="records")
-    except (OSError, ValueError, csv.Error) as err:
-        raise DataUnavailableError(f"cannot read {task} data file {path!r}: {err}") from err
+            rows = pandas.read_parquet(path).to_dict(orient="records")
+            check_fields(task, rows, where)
+            return rows
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise DataUnavailableError(f"cannot read {where}: {_one_line(err)}") from err
     raise DataUnavailableError(f"unsupported data file {path!r} (allowed: {', '.join(LOCAL_SUFFIXES)})")
 
 
-def _read_local_mmlu(data_files, fewshot_files, need_fewshot):
+def _json_lines(lines, where: str) -> tuple[list, list[int]]:
+    """Parsed non-blank lines and their 1-based line numbers; a malformed line is named by its number."""
+    rows, numbers = [], []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise DataUnavailableError(f"{where}: line {number} is not valid JSON ({err.msg} at column {err.colno})") from None
+        numbers.append(number)
+    return rows, numbers
+
+
+def _check_lines(task: str, rows: list, numbers: list[int], where: str) -> None:
+    for row, number in zip(rows, numbers):
+        check_fields(task, [row], where, first_line=number)
+
+
+def _read_local_mmlu(data_files, fewshot_files, need_fewshot, *, split: str):
     """MMLU release layout: one headerless CSV per subject, `<subject>_test.csv` / `<subject>_dev.csv`."""
     test_files, dev_files = [], []
     for path in data_files:
-        if os.path.isdir(path) and os.path.isdir(os.path.join(path, "test")):
-            test_files += _csvs(os.path.join(path, "test"))
+        if os.path.isdir(path) and os.path.isdir(os.path.join(path, split)):
+            test_files += _csvs(os.path.join(path, split), split)
             if os.path.isdir(os.path.join(path, "dev")):
-                dev_files += _csvs(os.path.join(path, "dev"))
+                dev_files += _csvs(os.path.join(path, "dev"), "dev")
         elif os.path.isdir(path):
-            test_files += _csvs(path)
+            test_files += _csvs(path, split)
             sibling = os.path.join(os.path.dirname(os.path.abspath(path)), "dev")
             if os.path.isdir(sibling) and os.path.abspath(path) != sibling:
-                dev_files += _csvs(sibling)
+                dev_files += _csvs(sibling, "dev")
         else:
-            test_files += _expand([path], "mmlu")
+            test_files += _expand([path], "mmlu", split=split)
     if fewshot_files:
-        dev_files = [p for f in fewshot_files for p in (_csvs(f) if os.path.isdir(f) else [f])]
+        dev_files = [p for f in fewshot_files for p in (_csvs(f, "dev") if os.path.isdir(f) else [f])]
     if not test_files:
         raise DataUnavailableError(f"no MMLU CSV files found in {data_files!r}; expected {LOCAL_HINTS['mmlu']}")
     if need_fewshot and not dev_files:
@@ -242,7 +357,7 @@ def _read_local_mmlu(data_files, fewshot_files, need_fewshot):
             "pass --fewshot-files <mmlu>/dev or --num-fewshot 0"
         )
     rows = _mmlu_rows(test_files)
-    source = {"kind": "files", "files": [os.path.abspath(p) for p in test_files], "split": "test"}
+    source = {"kind": "files", "files": [os.path.abspath(p) for p in test_files], "split": split}
     fewshot_rows = None
     if need_fewshot:
         fewshot_rows = _mmlu_rows(dev_files)
@@ -251,18 +366,22 @@ def _read_local_mmlu(data_files, fewshot_files, need_fewshot):
     return rows, fewshot_rows, source
 
 
-def _csvs(folder: str) -> list[str]:
+def _csvs(folder: str, split: str) -> list[str]:
+    """The CSVs of `split` in an MMLU folder (`<subject>_<split>.csv`); files named for another
+    split are left out, so a folder holding test and dev files mixes nothing."""
     found = sorted(glob.glob(os.path.join(folder, "*.csv")))
     if not found:
         raise DataUnavailableError(f"no CSV files in MMLU folder {folder!r}; expected {LOCAL_HINTS['mmlu']}")
-    return found
+    named = {p: _split_from_name(p) for p in found}
+    other = [p for p, s in named.items() if s in SPLIT_NAMES and s != split]
+    return [p for p in found if p not in other]
 
 
 def _mmlu_rows(files: list[str]) -> list[dict]:
     rows = []
     for path in files:
         stem = os.path.splitext(os.path.basename(path))[0]
-        subject = stem.rsplit("_", 1)[0] if stem.rsplit("_", 1)[-1] in ("test", "dev", "val") else stem
+        subject = stem.rsplit("_", 1)[0] if stem.rsplit("_", 1)[-1] in SPLIT_NAMES else stem
         for row in _read_file(path, "mmlu", columns=MMLU_COLUMNS):
             if len(row) != len(MMLU_COLUMNS):
                 raise DataUnavailableError(f"MMLU file {path!r} has a row without {len(MMLU_COLUMNS)} columns: {row!r}")

@@ -1,9 +1,10 @@
 """A k × subset (× size × mode) sweep that can be stopped and restarted at any point.
 
-Each cell is an ordinary run with its own folder; a cell whose summary.json exists is skipped
-(unless forced), a partly done cell resumes from its samples, and the model is loaded once for
-all cells. Finished cells are never touched again, so killing the sweep loses at most the
-batch in flight.
+Each cell is an ordinary run with its own folder; a cell whose summary.json already covers the
+rows asked for is skipped (unless forced), a partly done cell resumes from its samples, a larger
+--limit extends finished cells, and the model is loaded once for all cells. Once the model is
+loaded, every cell's reuse settings are checked against it before the first cell decodes.
+Finished cells are never touched again, so killing the sweep loses at most the batch in flight.
 """
 
 from __future__ import annotations
@@ -14,11 +15,10 @@ import os
 import traceback
 from dataclasses import dataclass, field
 
-from .artifacts import RunFiles
 from .data import DataUnavailableError
-from .model_calls import ModelUnavailableError, load_model_and_tokenizer
+from .model_calls import ModelUnavailableError, check_layer_reuse, load_model_and_tokenizer
 from .options import EvalOptions, InvalidOptionError
-from .runner import run_eval
+from .runner import completed_summary, run_eval
 
 logger = logging.getLogger(__name__)
 
@@ -62,12 +62,15 @@ def run_grid(
 
     def load_once(options, device):
         if "model" not in cache:
-            cache["model"] = loader(options, device)
+            model, tokenizer = loader(options, device)
+            for cell in cells:  # a depth the model lacks fails now, not after earlier cells ran
+                check_layer_reuse(cell, model.config.num_hidden_layers)
+            cache["model"] = (model, tokenizer)
         return cache["model"]
 
     for number, options in enumerate(cells, 1):
         name = f"{options.task}/{options.config_name()}"
-        if not options.force and RunFiles(options.run_dir()).has_summary():
+        if completed_summary(options) is not None:
             say(f"[grid] {number}/{len(cells)} skip {name} (summary exists: {os.path.join(options.run_dir(), 'summary.json')})")
             outcome.skipped.append(name)
             continue

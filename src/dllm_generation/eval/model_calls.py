@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .options import InvalidOptionError
+
 logger = logging.getLogger(__name__)
 
 # Counters summed over batches; every other throughput number is derived from these.
@@ -31,19 +33,28 @@ class BatchResult:
 
 
 def load_model_and_tokenizer(options, device: str | None):
-    """`dllm_generation.load_model` with errors that say what was tried and how to fix it."""
+    """`dllm_generation.load_model` with errors that say what was tried and how to fix it.
+
+    The checkpoint's config.json is read first, so settings that do not fit the model (a reuse
+    size beyond its depth) are refused before any weights are read.
+    """
     from dllm_generation import load_model
+    from dllm_generation.loading import config_from_hub_dict, read_config_dict, resolve_pretrained
 
     dtype = None if options.dtype == "auto" else options.dtype
     kwargs = {"dtype": dtype, "device": device, "mask_token_id": options.mask_token_id}
     if options.tokenizer:
         kwargs["tokenizer"] = options.tokenizer
     try:
+        config, _ = config_from_hub_dict(read_config_dict(resolve_pretrained(options.model)))
+        check_layer_reuse(options, config.num_hidden_layers)
         model, tokenizer = load_model(options.model, **kwargs)
-    except (OSError, ValueError) as err:
+    except InvalidOptionError:
+        raise
+    except (OSError, ValueError, RuntimeError) as err:
         raise ModelUnavailableError(
             f"cannot load model {options.model!r} (dtype={options.dtype}, device={device}): "
-            f"{type(err).__name__}: {str(err).rstrip('.')}. Pass a local checkpoint folder with --model PATH "
+            f"{type(err).__name__}: {_one_line(err)}. Pass a local checkpoint folder with --model PATH "
             "(set HF_HUB_OFFLINE=1 on machines without internet)"
         ) from err
     if tokenizer is None:
@@ -58,19 +69,66 @@ def model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def check_device(options) -> None:
+    """Refuse a device this machine does not have before anything is read or loaded."""
+    device = options.device
+    if not device or not device.startswith("cuda"):
+        return
+    if not torch.cuda.is_available():
+        raise InvalidOptionError(
+            f"device={device!r} is not available: this torch ({torch.__version__}) sees no CUDA device (allowed here: cpu)"
+        )
+    index = torch.device(device).index
+    if index is not None and index >= torch.cuda.device_count():
+        raise InvalidOptionError(
+            f"device={device!r} is not available (allowed: cuda:0..cuda:{torch.cuda.device_count() - 1}, cpu)"
+        )
+
+
+def reuse_config(options):
+    """The `LayerReuseConfig` of `options`; None for k=1 (plain decoding, no reuse at all)."""
+    from dllm_generation import LayerReuseConfig
+
+    if options.k <= 1:
+        return None
+    return LayerReuseConfig(k=options.k, subset=options.subset, size=options.size, layers=options.layers,
+                            mode=options.mode)
+
+
+def check_layer_reuse(options, num_layers: int) -> None:
+    """Refuse a reuse size or layer list the model's depth cannot hold (InvalidOptionError)."""
+    reuse = reuse_config(options)
+    if reuse is None:
+        return
+    try:
+        reuse.resolve_layers(int(num_layers))
+    except ValueError as err:
+        flag = "--layers" if options.layers is not None else "--size"
+        raise InvalidOptionError(f"{err} (model {options.model!r}; set {flag})") from None
+
+
+def check_tokenizer_fits(options, model, tokenizer) -> None:
+    """A tokenizer with ids beyond the model's embedding table would fail inside the first forward."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ModelUnavailableError(
+            f"the tokenizer ({options.tokenizer or options.model!r}) has {len(tokenizer)} tokens but model "
+            f"{options.model!r} embeds only ids 0..{rows - 1}: they do not belong together; pass the model's "
+            "own tokenizer with --tokenizer"
+        )
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split()).rstrip(".")
+
+
 def build_generation_config(options, tokenizer):
     """The Fast-dLLM v2 decoding settings of `options`; k=1 means no layer reuse at all."""
     from transformers import GenerationConfig
 
-    from dllm_generation import LayerReuseConfig
-
     from .options import FAST_PATH_VALUES
 
-    reuse = None
-    if options.k > 1:
-        reuse = LayerReuseConfig(
-            k=options.k, subset=options.subset, size=options.size, layers=options.layers, mode=options.mode
-        )
+    reuse = reuse_config(options)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return GenerationConfig(
         max_new_tokens=options.max_new_tokens,
@@ -115,7 +173,24 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], generation_config
     stats["tokens"] = stats["generated_tokens"]
     stats["wall_seconds"] = clock.seconds
     stats["model_wall_seconds"] = raw.get("wall_seconds")
+    stats["fast_path"] = fast_path_label(raw.get("fast_path"))
     return BatchResult(texts, counts, stats)
+
+
+def fast_path_label(reported) -> str | None:
+    """What `generate` says decoded the batch (`stats["fast_path"]`), as one string.
+
+    "graphs" / "compile" / "eager" when the fast path ran (with what fell back inside it), or the
+    plain path's "off (reason)".
+    """
+    if reported is None or isinstance(reported, str):
+        return reported
+    label = reported.get("mode")
+    if reported.get("compile_failure"):
+        label += " (torch.compile failed: uncompiled layers)"
+    if reported.get("graph_failure"):
+        label += " (graph capture failed: eager passes)"
+    return label
 
 
 def loglikelihood_batch(model, contexts: list[list[int]], continuations: list[list[int]], batch_size: int):

@@ -8,11 +8,22 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 from dataclasses import dataclass
 
+from ..config import (
+    DEFAULT_REUSE_SIZE,
+    DIFFUSION_DEFAULTS,
+    REUSE_MODES,
+    SUBSETS,
+    size_label,
+    validate_block_sizes,
+    validate_layers,
+    validate_size,
+    validate_threshold,
+)
+
 TASKS = ("gsm8k", "math", "ifeval", "mmlu", "gpqa", "arith")
-SUBSETS = ("first", "middle", "last")
-REUSE_MODES = ("output", "residual")
 MMLU_MODES = ("loglikelihood", "generative")
 # GPU fast path of generate(): on = where it applies (CUDA graphs), off = plain path, compile = graphs + torch.compile.
 FAST_PATHS = ("on", "off", "graphs", "compile")
@@ -45,17 +56,17 @@ class EvalOptions:
     dtype: str = "auto"
     device: str | None = None
     mask_token_id: int | None = None
-    # layer reuse
+    # layer reuse (the library's LayerReuseConfig defaults; size: a count, or a share of the layers)
     k: int = 1
-    subset: str = "first"
-    size: int = 12
+    subset: str = SUBSETS[0]
+    size: int | float = DEFAULT_REUSE_SIZE
     layers: list[int] | None = None
-    mode: str = "output"
-    # decoding (Fast-dLLM v2 defaults)
-    block_size: int = 32
-    small_block_size: int = 8
-    threshold: float = 0.9
-    use_block_cache: bool = True
+    mode: str = REUSE_MODES[0]
+    # decoding (the library's GenerationConfig defaults = Fast-dLLM v2's)
+    block_size: int = DIFFUSION_DEFAULTS["block_size"]
+    small_block_size: int = DIFFUSION_DEFAULTS["small_block_size"]
+    threshold: float = DIFFUSION_DEFAULTS["threshold"]
+    use_block_cache: bool = DIFFUSION_DEFAULTS["use_block_cache"]
     fast_path: str = "on"
     max_new_tokens: int | None = None  # None = the task's budget (TASK_MAX_NEW_TOKENS, else 2048)
     batch_size: int = 8
@@ -92,28 +103,20 @@ class EvalOptions:
         _choice("dtype", self.dtype, DTYPES)
         _choice("fast_path", self.fast_path, FAST_PATHS)
         _at_least("k", self.k, 1)
-        _at_least("size", self.size, 1)
-        _at_least("block_size", self.block_size, 1)
-        _at_least("small_block_size", self.small_block_size, 1)
         _at_least("max_new_tokens", self.max_new_tokens, 1)
         _at_least("batch_size", self.batch_size, 1)
         _at_least("seed", self.seed, 0)
         if self.limit is not None:
             _at_least("limit", self.limit, 1)
-        if self.block_size % self.small_block_size:
-            raise InvalidOptionError(
-                f"small_block_size={self.small_block_size} must divide block_size={self.block_size} "
-                "(allowed: a divisor of block_size, e.g. 8 for 32)"
-            )
-        if not (isinstance(self.threshold, (int, float)) and 0.0 < self.threshold <= 1.0):
-            raise InvalidOptionError(f"threshold={self.threshold!r} is out of range (allowed: 0 < threshold <= 1)")
-        if self.layers is not None:
-            if not self.layers or any((not isinstance(i, int)) or i < 0 for i in self.layers):
-                raise InvalidOptionError(
-                    f"layers={self.layers!r} is invalid (allowed: a non-empty list of layer indices >= 0)"
-                )
-            if len(set(self.layers)) != len(self.layers):
-                raise InvalidOptionError(f"layers={self.layers!r} repeats an index (allowed: distinct indices)")
+        try:  # the library's own rules, so the CLI and GenerationConfig accept the same values
+            validate_size(self.size, "size")
+            validate_block_sizes(self.block_size, self.small_block_size)
+            validate_threshold(self.threshold)
+            if self.layers is not None:
+                validate_layers(self.layers, "layers")
+        except ValueError as err:
+            raise InvalidOptionError(str(err)) from None
+        _writable_folder("output_dir", self.output_dir)
         if self.num_fewshot is not None:
             _at_least("num_fewshot", self.num_fewshot, 0)
             if self.num_fewshot > 0 and self.task not in FEWSHOT_TASKS:
@@ -143,7 +146,7 @@ class EvalOptions:
         """Folder name of this configuration: reuse settings plus every non-default decoding knob."""
         if self.run_name:
             return self.run_name
-        where = "layers" + "-".join(str(i) for i in self.layers) if self.layers else f"{self.subset}{self.size}"
+        where = "layers" + "-".join(str(i) for i in self.layers) if self.layers else f"{self.subset}{size_label(self.size)}"
         parts = [f"k{self.k}", where, self.mode]
         defaults = EvalOptions(task=self.task)
         if (self.block_size, self.small_block_size) != (defaults.block_size, defaults.small_block_size):
@@ -201,6 +204,26 @@ class EvalOptions:
 def _choice(name: str, value, allowed) -> None:
     if value not in allowed:
         raise InvalidOptionError(f"{name}={value!r} is not allowed (allowed: {', '.join(map(str, allowed))})")
+
+
+def _writable_folder(name: str, path: str) -> None:
+    """The folder exists and is writable, or can be created: checked by writing, not by mode bits
+    (which a privileged user or a read-only mount would make misleading). Leaves nothing behind."""
+    target = os.path.abspath(path)
+    existing = target
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise InvalidOptionError(
+            f"{name}={path!r} cannot be created: {existing!r} is a file (allowed: a writable folder, or a path where one can be created)"
+        )
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise InvalidOptionError(
+            f"{name}={path!r} is not writable: {existing!r}: {err.strerror or err} (allowed: a writable folder)"
+        ) from None
 
 
 def _at_least(name: str, value, low: int) -> None:

@@ -1,4 +1,9 @@
-"""Where and with what a number was measured: device name, library versions, git commit, time."""
+"""Where and with what a number was measured: device name, library versions, threads, machine
+load, git commit, time.
+
+Throughput is only comparable between runs on the same kind of device on a quiet machine, so the
+load average is recorded before the run and after it, with the CPU count and torch's thread count.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +14,41 @@ import subprocess
 import sys
 
 
-def environment(device) -> dict:
+# A machine counts as busy when its 1-minute load average before the run, i.e. other work,
+# exceeds half its CPUs: then the run shared the host with that work and its timing is not clean.
+BUSY_LOAD_PER_CPU = 0.5
+
+
+def machine_load() -> dict:
+    """Load averages (1, 5, 15 min) and CPU count, now."""
+    try:
+        load = [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):  # not available on every platform
+        load = None
+    return {"load_average": load, "cpu_count": os.cpu_count()}
+
+
+def is_busy(load: dict | None) -> bool:
+    """Whether `machine_load()` output says other work was using the host."""
+    if not load or not load.get("load_average") or not load.get("cpu_count"):
+        return False
+    return load["load_average"][0] > BUSY_LOAD_PER_CPU * load["cpu_count"]
+
+
+def environment(device, *, load_before: dict | None = None) -> dict:
     import torch
     import transformers
 
+    after = machine_load()
     return {
         "device": str(device),
         "device_name": device_name(device),
         "cpu": cpu_name(),
+        "cpu_count": after["cpu_count"],
+        "torch_threads": torch.get_num_threads(),
+        "load_average_before": (load_before or {}).get("load_average"),
+        "load_average_after": after["load_average"],
+        "busy": is_busy(load_before),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),

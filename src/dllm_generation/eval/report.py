@@ -3,6 +3,9 @@
 Speedup is a config's tokens/s over the k=1 runs of the same task that share its decoding
 settings (block sizes, threshold, cache, max_new_tokens, prompting, rows); several such k=1
 runs (one per subset in a 3×3 grid) are averaged, which also shows the timing noise.
+
+Each row says which decoding path actually ran (the fast path or the plain path), and a row
+measured on a CPU or on a host busy with other work is flagged: its tokens/s is not comparable.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import os
 from collections import defaultdict
 
 from .artifacts import read_json, write_text_atomic
+from .provenance import BUSY_LOAD_PER_CPU
 
 logger = logging.getLogger(__name__)
 
@@ -72,12 +76,20 @@ def build_report(root: str, *, output: str | None = None, plots: bool = True) ->
     if devices:
         runs = [s for task_runs in by_task.values() for s in task_runs]
         warmed = sum(1 for s in runs if s["throughput"].get("warmup", {}).get("batches"))
+        flagged = sum(1 for s in runs if comparability(s))
         lines += [
             f"Measured on: {', '.join(devices)}. Throughput counts model-call time only; {warmed} of {len(runs)} "
             "runs first ran one uncounted warm-up batch per process. Speedup is tokens/s over the mean of the "
-            "matching k=1 runs.",
+            "matching k=1 runs. \"path\" is the decoding path that ran (fast path mode, or the plain path and why).",
             "",
         ]
+        if flagged:
+            lines += [
+                f"**{flagged} of {len(runs)} runs have throughput that is not comparable** (see \"note\"): measured on "
+                f"a CPU, or on a host whose load average before the run exceeded {BUSY_LOAD_PER_CPU} per CPU. "
+                "Their accuracy stands; compare their tokens/s only with runs of the same note.",
+                "",
+            ]
     for task, runs in by_task.items():
         lines += _task_table(task, runs)
         if plots:
@@ -88,13 +100,26 @@ def build_report(root: str, *, output: str | None = None, plots: bool = True) ->
     return output
 
 
+def comparability(summary: dict) -> str:
+    """Why a run's tokens/s is not comparable ("" when it is): a CPU device, or a busy host."""
+    env = summary.get("environment", {})
+    notes = []
+    if str(env.get("device", "")).startswith("cpu"):
+        notes.append("CPU")
+    if env.get("busy"):
+        load = (env.get("load_average_before") or ["?"])[0]
+        notes.append(f"busy host (load {load} on {env.get('cpu_count', '?')} CPUs)")
+    return ", ".join(notes) + ": tok/s not comparable" if notes else ""
+
+
 def _task_table(task: str, runs: list[dict]) -> list[str]:
     metric = runs[0].get("primary_metric", "accuracy")
     lines = [
         f"## {task}",
         "",
-        f"| config | k | subset | mode | n | {metric} | tok/s | speedup vs k=1 | tok/forward | layers skipped | tokens |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| config | k | subset | mode | n | {metric} | tok/s | speedup vs k=1 | tok/forward | layers skipped | tokens "
+        "| path | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s, speedup in zip(runs, speedups(runs)):
         gen, tp = s["generation"], s["throughput"]
@@ -105,9 +130,13 @@ def _task_table(task: str, runs: list[dict]) -> list[str]:
             f"| {s['config']} | {gen['k']} | {subset} | {reuse.get('mode', '-')} | {s['counts']['samples']} "
             f"| {_fmt(s.get('accuracy'), 4)} | {_fmt(tp.get('tokens_per_second'), 1)} | "
             f"{_fmt(speedup, 2, suffix='x')} | {_fmt(tp.get('tokens_per_forward'), 2)} | "
-            f"{_fmt(tp.get('layer_skip_fraction'), 3)} | {tp.get('tokens')} |"
+            f"{_fmt(tp.get('layer_skip_fraction'), 3)} | {tp.get('tokens')} | {gen.get('fast_path') or '-'} "
+            f"| {comparability(s)} |"
         )
     return lines + [""]
+
+
+LABEL_HEIGHT_IN = 0.17  # vertical room per point label (7 pt text plus spacing)
 
 
 def plot_task(task: str, runs: list[dict], folder: str) -> str:
@@ -118,26 +147,65 @@ def plot_task(task: str, runs: list[dict], folder: str) -> str:
     import matplotlib.pyplot as plt
 
     os.makedirs(folder, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ks = sorted({s["generation"]["k"] for s in runs})
-    cmap = plt.get_cmap("viridis", max(len(ks), 2))
-    for i, k in enumerate(ks):
-        pts = [s for s in runs if s["generation"]["k"] == k]
-        xs = [s["throughput"].get("tokens_per_second") or 0.0 for s in pts]
-        ys = [s.get("accuracy") or 0.0 for s in pts]
-        ax.scatter(xs, ys, color=cmap(i), label=f"k={k}", s=40, marker="o" if k > 1 else "s")
-        for s, x, y in zip(pts, xs, ys):
-            ax.annotate(s["config"], (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("tokens / s (per device, warm-up excluded)")
-    ax.set_ylabel(runs[0].get("primary_metric", "accuracy"))
-    ax.set_title(f"{task}: accuracy vs throughput")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    fig = draw_task(task, runs)
     path = os.path.join(folder, f"{task}_accuracy_vs_throughput.png")
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def draw_task(task: str, runs: list[dict]):
+    """The figure of `plot_task`. Labels sit in a column right of the axes, at least one label
+    height apart, each with a line to its point, so clustered points never overlap their labels;
+    the metric axis stays within 0-100 %."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import PercentFormatter
+
+    height = max(4.5, LABEL_HEIGHT_IN * len(runs) / 0.8 + 1.0)
+    fig, ax = plt.subplots(figsize=(9, height))
+    fig.subplots_adjust(left=0.1, right=0.62, top=0.9, bottom=0.1)
+    xs = [s["throughput"].get("tokens_per_second") or 0.0 for s in runs]
+    ys = [min(max(s.get("accuracy") or 0.0, 0.0), 1.0) for s in runs]
+    ks = sorted({s["generation"]["k"] for s in runs})
+    cmap = plt.get_cmap("viridis", max(len(ks), 2))
+    for i, k in enumerate(ks):
+        idx = [j for j, s in enumerate(runs) if s["generation"]["k"] == k]
+        ax.scatter([xs[j] for j in idx], [ys[j] for j in idx], color=cmap(i), label=f"k={k}", s=40,
+                   marker="o" if k > 1 else "s", zorder=3)
+    pad = 0.05
+    ax.set_ylim(max(0.0, min(ys) - pad), min(1.0, max(ys) + pad))
+    ax.set_xlim(0.0, max(max(xs) * 1.1, 1e-9))
+    ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
+    fig.canvas.draw()
+    # Label rows in axes-fraction units, ordered like the points, pushed apart to one label height.
+    gap = LABEL_HEIGHT_IN / (height * 0.8)
+    to_frac = ax.transAxes.inverted().transform
+    fracs = [to_frac(ax.transData.transform((x, y)))[1] for x, y in zip(xs, ys)]
+    for i, y in zip(range(len(runs)), _spread(fracs, gap)):
+        ax.annotate(runs[i]["config"], xy=(xs[i], ys[i]), xycoords="data", xytext=(1.03, y),
+                    textcoords="axes fraction", fontsize=7, va="center",
+                    arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.6})
+    ax.set_xlabel("tokens / s (per device, warm-up excluded)")
+    ax.set_ylabel(runs[0].get("primary_metric", "accuracy"))
+    ax.set_title(f"{task}: accuracy vs throughput")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    return fig
+
+
+def _spread(positions: list[float], gap: float) -> list[float]:
+    """Positions in [0, 1] at least `gap` apart, each as close to its wish as the others allow."""
+    order = sorted(range(len(positions)), key=lambda i: positions[i])
+    out = [0.0] * len(positions)
+    floor = -float("inf")
+    for i in order:  # upwards: no label closer than `gap` to the one below
+        out[i] = max(positions[i], floor + gap, 0.0)
+        floor = out[i]
+    ceiling = float("inf")
+    for i in reversed(order):  # downwards: keep inside the top, still `gap` apart
+        out[i] = min(out[i], ceiling - gap, 1.0)
+        ceiling = out[i]
+    return out
 
 
 def _fmt(value, digits: int, suffix: str = "") -> str:

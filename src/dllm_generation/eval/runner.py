@@ -1,18 +1,20 @@
 """The run loop: rows → prompts → model call → scores → per-batch records → summary.json.
 
 Order matters and is the point of this module:
-1. validate options, read the data, look at what earlier (interrupted) runs finished —
-   all before any model is loaded, so bad input and "nothing left to do" cost nothing;
-2. split the unfinished rows across processes, warm the model up on a few of them (not
-   counted), then append samples + counters after every batch;
-3. the main process merges every process's records and writes the summary once.
+1. validate options, read and check the data, look at what earlier (interrupted) runs
+   finished — all before any model is loaded, so bad input and "nothing left to do" cost nothing;
+2. split the unfinished rows across processes, load the model, check that the run's settings
+   fit it, warm it up on a few rows (not counted);
+3. only then does the folder change: run.json is written (and, with --force, earlier results
+   are set aside until the first new result exists); samples + counters are appended after
+   every batch;
+4. the main process merges every process's records and writes the summary once.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import os
 import random
 import time
 
@@ -24,14 +26,16 @@ from .data import LETTERS, Example, load_task_data
 from .distributed import ProcessContext, process_context
 from .model_calls import (
     build_generation_config,
+    check_device,
     generate_batch,
     load_model_and_tokenizer,
     loglikelihood_batch,
     model_device,
+    reuse_config,
 )
 from .options import EvalOptions, InvalidOptionError
 from .prompts import build_prompt, mmlu_continuations, render_prompt
-from .provenance import environment
+from .provenance import environment, machine_load
 from .throughput import summarize_throughput
 
 logger = logging.getLogger(__name__)
@@ -84,18 +88,18 @@ def run_eval(
     and only if some row is still unfinished.
     """
     options.validate()
+    check_device(options)
     ctx = context or process_context()
     scorer = scorer or MetricsScorer()
     if options.uses_loglikelihood and options.k > 1 and ctx.is_main:
         logger.warning("k=%d: layer reuse does not apply to loglikelihood scoring (one forward per choice); "
                        "use --mmlu-mode generative to measure it", options.k)
     files = RunFiles(options.run_dir(), ctx.rank)
-    if options.force and ctx.is_main and _exists_any(files):
-        logger.info("--force: removing earlier results in %s", files.dir)
-        files.clear()
+    if ctx.is_main:
+        files.settle_replaced()
     ctx.barrier()
     identity = options.identity()
-    conflicts = files.identity_conflicts(identity)
+    conflicts = [] if options.force else files.identity_conflicts(identity)
     if conflicts:
         raise InvalidOptionError(
             f"{files.dir} holds results made with other settings ({'; '.join(conflicts)}); "
@@ -103,19 +107,17 @@ def run_eval(
         )
 
     data = load_task_data(options)
-    if files.has_summary():
+    if files.has_summary() and not options.force:
         summary = artifacts.read_json(files.summary)
         if summary.get("dataset", {}).get("count") == len(data.examples):
             if ctx.is_main:
                 logger.info("summary exists, nothing to do: %s (use --force to recompute)", files.summary)
             return summary
 
-    if ctx.is_main:
-        if not os.path.exists(files.identity):
-            artifacts.write_json_atomic(files.identity, identity)
+    if ctx.is_main and not options.force:
         files.repair()
     ctx.barrier()
-    finished = {r["id"] for r in files.finished_samples()}
+    finished = set() if options.force else {r["id"] for r in files.finished_samples()}
     ctx.barrier()  # every process has read the finished ids before any appends
     todo = [ex for ex in data.examples if ex.id not in finished]
     mine = ctx.split(todo)
@@ -125,23 +127,64 @@ def run_eval(
     _seed_everything(options.seed)
     device = options.device
     warmup = None
+    evaluator = None
+    load = machine_load()
     if mine:
         if model is None:
             device = _choose_device(options, ctx)
             model, tokenizer = loader(options, device)
+        check_model_fits(options, model, tokenizer)
         device = str(model_device(model))
         evaluator = _Evaluator(options, model, tokenizer, data, scorer, ctx.rank)
         if options.warmup:
             warmup = evaluator.warm_up(mine[:WARMUP_PROMPTS])
-        evaluator.run(mine, files, progress=progress and ctx.is_main)
+    ctx.barrier()  # every process can start: only now does the folder change
+    if ctx.is_main:
+        files.begin(identity, replace=options.force)
+    ctx.barrier()
+    try:
+        if evaluator is not None:
+            evaluator.run(mine, files, progress=progress and ctx.is_main)
+    except BaseException:
+        if ctx.is_main:  # a --force run that wrote nothing yet gives the folder back as it was
+            files.settle_replaced()
+        raise
     ctx.barrier()
 
     if ctx.is_main:
-        summary = _finalize(options, data, files, scorer, model, device or _choose_device(options, ctx), warmup)
+        summary = _finalize(options, data, files, scorer, model, device or _choose_device(options, ctx), warmup,
+                            load_before=load)
     ctx.barrier()
     if not ctx.is_main:
         summary = artifacts.read_json(files.summary)
     return summary
+
+
+def check_model_fits(options: EvalOptions, model, tokenizer) -> None:
+    """Settings that depend on the loaded model, checked before anything is written or decoded."""
+    from .model_calls import check_layer_reuse, check_tokenizer_fits
+
+    check_layer_reuse(options, model.config.num_hidden_layers)
+    if tokenizer is not None:
+        check_tokenizer_fits(options, model, tokenizer)
+
+
+def completed_summary(options: EvalOptions) -> dict | None:
+    """The folder's summary if it already covers the rows `options` asks for, under the same settings.
+
+    Decided from the folder alone (no data is read): the summary records how many rows its data
+    source has and how many it covers, so a larger --limit than the finished one is not complete.
+    """
+    files = RunFiles(options.run_dir())
+    if options.force or not files.has_summary() or files.identity_conflicts(options.identity()):
+        return None
+    summary = artifacts.read_json(files.summary)
+    dataset = summary.get("dataset", {})
+    total, count = dataset.get("total"), dataset.get("count")
+    if total is None or count is None:
+        return None
+    wanted = total if options.limit is None else min(options.limit, total)
+    return summary if count == wanted else None
 
 
 # ---------------------------------------------------------------------------- evaluating rows
@@ -175,21 +218,21 @@ class _Evaluator:
     def run(self, rows: list[Example], files: RunFiles, *, progress: bool) -> None:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(rows), desc=f"{self.options.task}/{self.options.config_name()}", unit="prompt",
-                   disable=not progress)
         size = self.options.batch_size
-        for start in range(0, len(rows), size):
-            batch = rows[start : start + size]
-            if self.options.uses_loglikelihood:
-                records, stats = self._loglikelihood(batch)
-            else:
-                records, stats = self._generate(batch)
-            stats.update(rank=self.rank, size=len(batch), first_id=batch[0].id)
-            files.append(records, stats)
-            bar.update(len(batch))
-            if stats.get("wall_seconds"):
-                bar.set_postfix(tok_s=f"{stats['tokens'] / stats['wall_seconds']:.1f}")
-        bar.close()
+        # A context manager, so an error or Ctrl-C closes the bar and its message starts a clean line.
+        with tqdm(total=len(rows), desc=f"{self.options.task}/{self.options.config_name()}", unit="prompt",
+                  disable=not progress) as bar:
+            for start in range(0, len(rows), size):
+                batch = rows[start : start + size]
+                if self.options.uses_loglikelihood:
+                    records, stats = self._loglikelihood(batch)
+                else:
+                    records, stats = self._generate(batch)
+                stats.update(rank=self.rank, size=len(batch), first_id=batch[0].id, ids=[ex.id for ex in batch])
+                files.append(records, stats)
+                bar.update(len(batch))
+                if stats.get("wall_seconds"):
+                    bar.set_postfix(tok_s=f"{stats['tokens'] / stats['wall_seconds']:.1f}")
 
     def _generate(self, batch: list[Example]):
         prompts = [self._prompt_ids(ex) for ex in batch]
@@ -246,15 +289,19 @@ class _Evaluator:
 
 
 # ---------------------------------------------------------------------------- summary
-def _finalize(options, data, files: RunFiles, scorer, model, device, warmup) -> dict:
+def _finalize(options, data, files: RunFiles, scorer, model, device, warmup, *, load_before=None) -> dict:
     wanted = {ex.id for ex in data.examples}
-    samples = sorted((r for r in files.finished_samples() if r["id"] in wanted), key=lambda r: r["index"])
+    finished = sorted(files.finished_samples(), key=lambda r: r["index"])
+    samples = [r for r in finished if r["id"] in wanted]
     if len(samples) != len(wanted):
         raise RuntimeError(
             f"{files.dir}: {len(wanted) - len(samples)} rows have no sample record after the run; rerun to finish them"
         )
-    batches = files.batch_records()
-    files.consolidate(samples, batches)
+    all_batches = files.batch_records()
+    # Every finished row stays on disk (a smaller --limit reports fewer rows but deletes none);
+    # the summary covers the requested rows and the batches made only of them.
+    files.consolidate(finished, all_batches)
+    batches = [b for b in all_batches if "ids" not in b or wanted.issuperset(b["ids"])]
 
     metric_dicts = [s["metrics"] for s in samples]
     if options.uses_loglikelihood:
@@ -266,7 +313,7 @@ def _finalize(options, data, files: RunFiles, scorer, model, device, warmup) -> 
     if options.task == "mmlu":
         metrics["accuracy_by_subject"] = _by_subject(samples, data)
     token_kind = "scored (context + continuation)" if options.uses_loglikelihood else "generated (non-pad)"
-    env = environment(device)
+    env = environment(device, load_before=load_before)
     summary = {
         "task": options.task,
         "config": options.config_name(),
@@ -276,7 +323,7 @@ def _finalize(options, data, files: RunFiles, scorer, model, device, warmup) -> 
         "counts": {"samples": len(samples), "correct": sum(1 for s in samples if s["correct"])},
         "throughput": summarize_throughput(batches, token_kind=token_kind, warmup=warmup),
         "model": _model_info(options, model, device),
-        "generation": _generation_info(options),
+        "generation": _generation_info(options, model, batches),
         "prompting": {
             "chat_template": options.chat_template,
             "num_fewshot": options.fewshot,
@@ -314,11 +361,13 @@ def _model_info(options, model, device) -> dict:
     return info
 
 
-def _generation_info(options) -> dict:
+def _generation_info(options, model, batches: list[dict]) -> dict:
     reuse = None
     if options.k > 1:
         reuse = {"k": options.k, "subset": options.subset, "size": options.size, "layers": options.layers,
                  "mode": options.mode}
+        if model is not None:
+            reuse["resolved_layers"] = list(reuse_config(options).resolve_layers(model.config.num_hidden_layers))
     return {
         "decoding": "loglikelihood (one masked forward per choice)" if options.uses_loglikelihood else "block diffusion",
         "k": options.k,
@@ -328,7 +377,8 @@ def _generation_info(options) -> dict:
         "small_block_size": options.small_block_size,
         "threshold": options.threshold,
         "use_block_cache": options.use_block_cache,
-        "fast_path": options.fast_path,
+        "fast_path": fast_path_ran(batches),
+        "fast_path_requested": options.fast_path,
         "do_sample": False,
         "batch_size": options.batch_size,
     }
@@ -348,5 +398,12 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _exists_any(files: RunFiles) -> bool:
-    return files.has_summary() or os.path.exists(files.identity) or bool(files.finished_samples())
+def fast_path_ran(batches: list[dict]) -> str | None:
+    """What decoded the counted batches: the fast-path mode(s) generate reported, not the setting.
+
+    None when no batch was decoded by `generate` (MMLU loglikelihood scoring has no fast path).
+    """
+    ran = sorted({b["fast_path"] for b in batches if b.get("fast_path")})
+    if not ran:
+        return None
+    return ran[0] if len(ran) == 1 else "mixed: " + "; ".join(ran)
