@@ -67,7 +67,7 @@ def add_shared_arguments(parser: argparse.ArgumentParser, *, grid: bool = False,
     m.add_argument("--model", default=None, help=f"hub id, local checkpoint folder, or a shipped model name (demo); "
                    f"None = demo for arith, else {DEFAULT_MODEL}")
     m.add_argument("--tokenizer", default=None, help="tokenizer folder/id when the checkpoint has none; None = the checkpoint's")
-    m.add_argument("--dtype", default=DEFAULTS.dtype, choices=DTYPES, help="weights dtype; auto = the checkpoint's")
+    m.add_argument("--dtype", default=DEFAULTS.dtype, choices=DTYPES, help="weights dtype; auto = the checkpoint's on a GPU, float32 on a CPU")
     m.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...; None = cuda if available (one GPU per process under accelerate)")
     m.add_argument("--mask-token-id", type=int, default=None, help="override the |<MASK>| id")
 

@@ -42,6 +42,8 @@ def load_model_and_tokenizer(options, device: str | None):
     from dllm_generation.loading import config_from_hub_dict, read_config_dict, resolve_pretrained
 
     dtype = None if options.dtype == "auto" else options.dtype
+    if dtype is None and str(device or "cpu").startswith("cpu"):
+        dtype = "float32"  # half-precision matmuls on a CPU are slow and round more: auto means float32 there
     kwargs = {"dtype": dtype, "device": device, "mask_token_id": options.mask_token_id}
     if options.tokenizer:
         kwargs["tokenizer"] = options.tokenizer
