@@ -32,6 +32,8 @@ import traceback
 
 import torch
 
+from dllm_generation.eval.cli import parse_size
+
 # Without --config: the Fast_dLLM_v2_7B config.json in the data folder beside the repository, if present.
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "fast_dllm_v2_7b", "config.json")
 MASK_ID, EOS_ID, PAD_ID = 151665, 151645, 151643
@@ -46,14 +48,6 @@ FULL_GRID = dict(batch_sizes="1,8,32", new_tokens=256, k="1,2,3", subsets="first
 
 def _csv(value, cast=str):
     return [cast(v) for v in str(value).split(",") if v != ""]
-
-
-def _size(text: str):
-    """A reuse size: "12" is a count of layers, "0.5" a share of them."""
-    try:
-        return int(text)
-    except ValueError:
-        return float(text)
 
 
 def parse_args(argv=None):
@@ -75,7 +69,7 @@ def parse_args(argv=None):
     p.add_argument("--cache", default=None, help=f"block cache settings to run (default: {FULL_GRID['cache']})")
     p.add_argument("--k", default=None, help=f"layer-reuse k values (default: {FULL_GRID['k']})")
     p.add_argument("--subsets", default=None, help=f"default: {FULL_GRID['subsets']}")
-    p.add_argument("--reuse-size", type=_size, default=None,
+    p.add_argument("--reuse-size", type=parse_size, default=None,
                    help="layers in the reuse subset: a count (12) or a share of the layers (0.5); default: "
                         "LayerReuseConfig's, 12 of 28 layers as a share")
     p.add_argument("--no-baseline", action="store_true", help="skip the layer_reuse=None runs")
