@@ -31,7 +31,7 @@ def checkpoint(eval_checkpoint):
     return eval_checkpoint
 
 
-SCRIPT_OF_TASK = {"gsm8k": "gsm8k", "math": "math500", "ifeval": "ifeval", "mmlu": "mmlu", "gpqa": "gpqa"}
+SCRIPT_OF_TASK = {"gsm8k": "gsm8k", "math": "math500", "ifeval": "ifeval", "mmlu": "mmlu", "gpqa": "gpqa", "arith": "arith"}
 
 
 def run_script(task: str, argv: list[str], monkeypatch) -> int:
@@ -147,7 +147,7 @@ def test_no_script_shadows_the_standard_library_or_edits_the_import_path():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["gsm8k", "math500", "ifeval", "mmlu", "gpqa", "run_grid", "report"])
+@pytest.mark.parametrize("name", ["gsm8k", "math500", "ifeval", "mmlu", "gpqa", "arith", "run_grid", "report"])
 def test_each_script_runs_as_a_file(name, tmp_path):
     """`python eval_scripts/<name>.py --help` from any folder, as a separate process."""
     out = subprocess.run([sys.executable, str(SCRIPTS / f"{name}.py"), "--help"], capture_output=True,

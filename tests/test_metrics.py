@@ -303,6 +303,7 @@ def test_tables_agree():
         == set(PRIMARY_METRIC)
         == {
             "gsm8k",
+            "arith",
             "math",
             "ifeval",
             "mmlu_generative",
