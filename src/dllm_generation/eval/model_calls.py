@@ -110,6 +110,13 @@ def check_layer_reuse(options, num_layers: int) -> None:
         raise InvalidOptionError(f"{err} (model {options.model!r}; set {flag})") from None
 
 
+def check_model_fits(options, model, tokenizer) -> None:
+    """Settings that depend on the loaded model, checked before anything is written or decoded."""
+    check_layer_reuse(options, model.config.num_hidden_layers)
+    if tokenizer is not None:
+        check_tokenizer_fits(options, model, tokenizer)
+
+
 def check_tokenizer_fits(options, model, tokenizer) -> None:
     """A tokenizer with ids beyond the model's embedding table would fail inside the first forward."""
     rows = model.get_input_embeddings().num_embeddings
