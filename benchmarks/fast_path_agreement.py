@@ -1,22 +1,19 @@
-"""Token agreement of every fast-path variant with the plain path, in float32 and bf16.
+"""Token agreement of every fast-path variant with the plain path, in float32 and bf16 (needs CUDA).
 
 A 4-layer model of the hub config's width with peaky random weights, batch 1 and 8, block cache off
 and on. float32 isolates logic errors (every variant must equal the plain path); bf16 shows what
-rounding alone does. Usage (GPU): python benchmarks/fast_path_agreement.py [path/to/config.json]
+rounding alone does. Usage: python benchmarks/fast_path_agreement.py [path/to/config.json]
+(default: throughput.py's default config).
 """
-import os
 import sys
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE); sys.path.insert(0, os.path.join(HERE, "..", "src"))
-CONFIG = sys.argv[1] if len(sys.argv) > 1 else ".devdata/config.json"
-import throughput as T  # noqa: E402
+import throughput as T  # benchmarks/throughput.py, beside this script
 
+config = ["--config", sys.argv[1]] if len(sys.argv) > 1 else []
 for dtype in ("float32", "bfloat16"):
-    args = T.parse_args(["--config", CONFIG, "--dtype", dtype, "--new-tokens", "64"])
-    if args.device is None: args.device = "cuda"
+    args = T.parse_args([*config, "--device", "cuda", "--dtype", dtype, "--new-tokens", "64"])
     raw = T.load_hub_config(args)
     model = T.build_model(raw, args, num_layers=4, peaky=True)
     vocab_high = min(int(raw["vocab_size"]) - 8, T.PAD_ID)
@@ -34,4 +31,5 @@ for dtype in ("float32", "bfloat16"):
             for p, (seq, f) in outs.items():
                 print(dtype, "b", batch, "cache", cache, p, "vs plain:", T.agreement(seq, ref[0])["token_agreement"],
                       "fwd", f, "vs", ref[1], flush=True)
-    del model; torch.cuda.empty_cache()
+    del model
+    torch.cuda.empty_cache()

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Decoding throughput on the fixed issue-5 workload (random weights of a given shape).
+"""Decoding throughput on a fixed workload: random weights of a checkpoint's shape.
 
 Workload: random weights of the checkpoint's exact shape (default: Fast_dLLM_v2_7B's config.json),
 bf16, SDPA; prompts of 96-160 random tokens; 256 new tokens; block 32, sub-block 8, threshold
@@ -11,10 +11,12 @@ are excluded from the timings.
 Prints one table: tokens/s, ms per forward (wall / forwards), forwards, layer executions,
 speedup over our own run without layer reuse (same batch, cache, path) and its bound from the
 counted layer executions (executions without reuse / executions at this config), and, where
-both paths ran, the token agreement between the fast and the plain path.
+both paths ran, the token agreement between the fast and the plain path. Exits 1 if any run
+failed.
 
-    python benchmarks/throughput.py --config path/to/config.json --json-out results.json
-    python benchmarks/throughput.py --tiny          # CPU smoke run on a tiny config
+    hf download Efficient-Large-Model/Fast_dLLM_v2_7B config.json --local-dir fast_dllm_v2_7b
+    python benchmarks/throughput.py --config fast_dllm_v2_7b/config.json --json-out results.json
+    python benchmarks/throughput.py --tiny          # CPU smoke run: tiny config, small grid (seconds to a minute)
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import math
 import os
 import platform
 import sys
@@ -31,13 +32,18 @@ import traceback
 
 import torch
 
-DEFAULT_CONFIGS = (
-    os.path.join(os.path.dirname(__file__), "..", ".devdata", "config.json"),
-    os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "fast_dllm_v2_7b", "config.json"),
-)
+from dllm_generation.eval.cli import parse_size
+
+# Without --config: the Fast_dLLM_v2_7B config.json in the data folder beside the repository, if present.
+DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "fast_dllm_v2_7b", "config.json")
 MASK_ID, EOS_ID, PAD_ID = 151665, 151645, 151643
 TINY = dict(num_hidden_layers=4, hidden_size=64, intermediate_size=128, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=512, max_position_embeddings=2048)
+# --tiny's grid, for every option left unset: small enough for a CPU in about a minute.
+TINY_GRID = dict(batch_sizes="1,3", new_tokens=40, k="2", subsets="first,last", cache="on,off",
+                 fast_path="eager,off", warmup="short")
+FULL_GRID = dict(batch_sizes="1,8,32", new_tokens=256, k="1,2,3", subsets="first,middle,last", cache="on,off",
+                 fast_path="on,off", warmup="full")
 
 
 def _csv(value, cast=str):
@@ -46,33 +52,39 @@ def _csv(value, cast=str):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", default=None, help="hub config.json giving the model shape (default: .devdata/ or ../shared/)")
-    p.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny config, float32, small grid")
+    p.add_argument("--config", default=None,
+                   help="the checkpoint's config.json giving the model shape (default: ../shared/data/fast_dllm_v2_7b/ "
+                        "beside the repository)")
+    p.add_argument("--tiny", action="store_true",
+                   help=f"CPU smoke run: tiny config, float32, and unless given otherwise the grid {TINY_GRID}")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--batch-sizes", default="1,8,32")
-    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--batch-sizes", default=None, help=f"default: {FULL_GRID['batch_sizes']}")
+    p.add_argument("--new-tokens", type=int, default=None, help=f"default: {FULL_GRID['new_tokens']}")
     p.add_argument("--prompt-min", type=int, default=96)
     p.add_argument("--prompt-max", type=int, default=160)
     p.add_argument("--block-size", type=int, default=32)
     p.add_argument("--small-block-size", type=int, default=8)
     p.add_argument("--threshold", type=float, default=0.9)
-    p.add_argument("--cache", default="on,off", help="block cache settings to run (on,off)")
-    p.add_argument("--k", default="1,2,3", help="layer-reuse k values")
-    p.add_argument("--subsets", default="first,middle,last")
-    p.add_argument("--reuse-size", type=int, default=12, help="layers in the reuse subset")
+    p.add_argument("--cache", default=None, help=f"block cache settings to run (default: {FULL_GRID['cache']})")
+    p.add_argument("--k", default=None, help=f"layer-reuse k values (default: {FULL_GRID['k']})")
+    p.add_argument("--subsets", default=None, help=f"default: {FULL_GRID['subsets']}")
+    p.add_argument("--reuse-size", type=parse_size, default=None,
+                   help="layers in the reuse subset: a count (12) or a share of the layers (0.5); default: "
+                        "LayerReuseConfig's, 12 of 28 layers as a share")
     p.add_argument("--no-baseline", action="store_true", help="skip the layer_reuse=None runs")
     p.add_argument("--only", default="",
                    help="comma list of BATCH:CACHE:REUSE items (e.g. 32:on:k3-first, '*' matches anything): for the "
                         "batch sizes named there, run only the matching configs")
-    p.add_argument("--fast-path", default="on,off",
-                   help="paths to run: on (default fast path), off (plain), eager, graphs, compile")
+    p.add_argument("--fast-path", default=None,
+                   help=f"paths to run: on (default fast path), off (plain), eager, graphs, compile (default: "
+                        f"{FULL_GRID['fast_path']})")
     p.add_argument("--plain-grid", choices=("all", "baseline", "none"), default="all",
                    help="which reuse settings the plain path (off) runs: all, only layer_reuse=None, none")
     p.add_argument("--plain-batch-sizes", default=None, help="batch sizes for the plain path (default: --batch-sizes)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per config (the median is reported)")
-    p.add_argument("--warmup", choices=("full", "short", "none"), default="full",
-                   help="full: one untimed run of the same workload before timing; short: 2 blocks")
+    p.add_argument("--warmup", choices=("full", "short", "none"), default=None,
+                   help="full: one untimed run of the same workload before timing; short: 2 blocks (default: full)")
     p.add_argument("--short-warmup-batches", default="",
                    help="batch sizes whose fast-path warm-up is 2 blocks only (batch 1 meets every pass shape in 2 "
                         "blocks; a timed run's 'captures' in the JSON shows any shape it met first)")
@@ -89,6 +101,9 @@ def parse_args(argv=None):
                         "identical kernels, so tokens must agree exactly")
     p.add_argument("--time-budget", type=float, default=None, help="stop starting new runs after this many seconds")
     args = p.parse_args(argv)
+    for name, value in (TINY_GRID if args.tiny else FULL_GRID).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.tiny:
         args.device = args.device or "cpu"
         args.dtype = args.dtype or "float32"
@@ -121,9 +136,9 @@ def load_hub_config(args) -> dict:
         raw = {"model_type": "qwen2", "hidden_act": "silu", "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
                "tie_word_embeddings": False, "use_sliding_window": False}
     else:
-        path = args.config or next((c for c in DEFAULT_CONFIGS if os.path.exists(c)), None)
-        if path is None:
-            raise SystemExit(f"no config.json found; pass --config (looked in {DEFAULT_CONFIGS})")
+        path = args.config or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None)
+        if path is None or not os.path.exists(path):
+            raise SystemExit(f"no config.json at {path or DEFAULT_CONFIG}; pass --config with the checkpoint's config.json")
         with open(path, encoding="utf-8") as f:
             raw = json.load(f)
     if args.tiny:
@@ -135,6 +150,7 @@ def load_hub_config(args) -> dict:
 def build_model(raw: dict, args, *, num_layers: int | None = None, peaky: bool = False):
     """Random weights of the config's shape, built directly on the device (nothing on disk)."""
     from dllm_generation.loading import config_from_hub_dict
+    from dllm_generation.testing import init_random_weights
 
     raw = dict(raw)
     if num_layers is not None:
@@ -150,15 +166,10 @@ def build_model(raw: dict, args, *, num_layers: int | None = None, peaky: bool =
     finally:
         torch.set_default_dtype(old)
     gen = torch.Generator(device=args.device).manual_seed(args.seed + (1 if peaky else 0))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.fill_(1.0)
-            elif peaky:  # as testing.make_tiny_checkpoint: decisive logits, so tokens are robust to rounding
-                std = 0.5 if ("embed" in name or "lm_head" in name) else 2.0 / math.sqrt(param.shape[-1])
-                param.normal_(0.0, std, generator=gen)
-            else:
-                param.normal_(0.0, args.init_std, generator=gen)
+    if peaky:  # as testing.make_tiny_checkpoint: decisive logits, so tokens are robust to rounding
+        init_random_weights(model, std=0.5, generator=gen)
+    else:
+        init_random_weights(model, std=args.init_std, fan_in_scaled=False, generator=gen)
     model.eval()
     vocab = cfg.vocab_size
     gc = model.generation_config
@@ -214,8 +225,12 @@ def reuse_grid(args):
     grid = [] if args.no_baseline else [("none", None)]
     for k in _csv(args.k, int):
         for subset in _csv(args.subsets):
-            grid.append((f"k{k}-{subset}", LayerReuseConfig(k=k, subset=subset, size=args.reuse_size)))
+            grid.append((f"k{k}-{subset}", LayerReuseConfig(k=k, subset=subset, **_size_kwarg(args))))
     return grid
+
+
+def _size_kwarg(args) -> dict:
+    return {} if args.reuse_size is None else {"size": args.reuse_size}
 
 
 def selected(args, batch: int, cache: bool, label: str) -> bool:
@@ -400,7 +415,7 @@ def graph_check(model, args, vocab_high, batch):
     from dllm_generation import LayerReuseConfig
 
     ids, mask = make_prompts(args, batch, vocab_high, seed_offset=3)
-    reuse = LayerReuseConfig(k=2, subset="first", size=args.reuse_size)
+    reuse = LayerReuseConfig(k=2, subset="first", **_size_kwarg(args))
     seqs = {}
     for path in ("eager", "graphs", "compile"):
         seqs[path], stats, wall = run_one(model, args, ids, mask, cache=True, reuse=reuse, path=path, new_tokens=64)
@@ -476,5 +491,14 @@ def render_table(results) -> str:
     return "\n".join(lines)
 
 
+def failures(results) -> list[dict]:
+    """Runs that failed (runs skipped for the time budget are not failures)."""
+    return [e for e in results["errors"] if "skipped" not in e]
+
+
 if __name__ == "__main__":
-    sys.exit(0 if main() is not None else 1)
+    outcome = main()
+    failed = failures(outcome)
+    if failed:
+        print(f"{len(failed)} run(s) failed", file=sys.stderr)
+    sys.exit(1 if failed else 0)

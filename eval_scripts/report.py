@@ -1,14 +1,8 @@
-"""results.md + accuracy-vs-throughput plots: `python eval_scripts/report.py artifacts/`."""
+"""results.md + accuracy-vs-throughput plots: `python eval_scripts/report.py artifacts/` (or `dllm-eval report`)."""
 
-import os
 import sys
 
-# eval_scripts/ holds a math.py: keep this folder off the import path so `import math` (inside
-# torch, random, ...) finds the standard library module, not the MATH-500 script.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-
-from dllm_generation.eval.cli import report_main  # noqa: E402
+from dllm_generation.eval.cli import report_main
 
 if __name__ == "__main__":
     sys.exit(report_main())

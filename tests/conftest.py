@@ -5,9 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# One torch thread, here and in every subprocess a test starts: the tiny models gain nothing from
+# threads, and on a busy machine OpenMP threads waiting for each other made tests 10-20x slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -58,7 +63,6 @@ def tiny_path(tmp_path_factory) -> str:
 def tiny_model(tiny_path):
     from dllm_generation import load_model
 
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     model, tok = load_model(tiny_path, dtype=torch.float32)
     assert tok is None
     return model

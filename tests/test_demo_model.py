@@ -22,7 +22,6 @@ pytestmark = pytest.mark.usefixtures("no_network")
 
 @pytest.fixture(scope="module")
 def demo():
-    torch.set_num_threads(2)
     model, tokenizer = load_model("demo", dtype=torch.float32)
     tokenizer.padding_side = "left"
     return model, tokenizer

@@ -35,6 +35,7 @@ def grid_command(checkpoint: str, out: Path) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_grid_killed_after_first_config_resumes_without_recomputing(checkpoint, tmp_path):
     out = tmp_path / "artifacts"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

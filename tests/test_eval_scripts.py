@@ -31,12 +31,16 @@ def checkpoint(eval_checkpoint):
     return eval_checkpoint
 
 
-def run_script(name: str, argv: list[str], monkeypatch) -> int:
-    """Run eval_scripts/<name>.py as __main__ in this process (the file itself, not a copy of it)."""
-    monkeypatch.setattr(sys, "argv", [str(SCRIPTS / f"{name}.py"), *argv])
+SCRIPT_OF_TASK = {"gsm8k": "gsm8k", "math": "math500", "ifeval": "ifeval", "mmlu": "mmlu", "gpqa": "gpqa", "arith": "arith"}
+
+
+def run_script(task: str, argv: list[str], monkeypatch) -> int:
+    """Run the task's eval_scripts/<name>.py as __main__ in this process (the file itself, not a copy of it)."""
+    script = SCRIPTS / f"{SCRIPT_OF_TASK[task]}.py"
+    monkeypatch.setattr(sys, "argv", [str(script), *argv])
     monkeypatch.setattr(sys, "path", list(sys.path))
     with pytest.raises(SystemExit) as exit_info:
-        runpy.run_path(str(SCRIPTS / f"{name}.py"), run_name="__main__")
+        runpy.run_path(str(script), run_name="__main__")
     return exit_info.value.code
 
 
@@ -133,13 +137,43 @@ def test_task_scripts_end_to_end(task, data, extra, metric, checkpoint, tmp_path
         assert {s["gold"] for s in samples} <= set("ABCD")
 
 
-def test_math_script_runs_as_a_file_despite_its_name(tmp_path):
-    """`python eval_scripts/math.py` must not shadow the standard library's math module."""
-    for name in ("math", "gsm8k"):
-        out = subprocess.run([sys.executable, str(SCRIPTS / f"{name}.py"), "--help"], capture_output=True,
-                             text=True, timeout=300, cwd=tmp_path, stdin=subprocess.DEVNULL)
-        assert out.returncode == 0, out.stderr
-        assert "--data-files" in out.stdout and "--k" in out.stdout
+def test_no_script_shadows_the_standard_library_or_edits_the_import_path():
+    scripts = sorted(SCRIPTS.glob("*.py")) + sorted((REPO / "benchmarks").glob("*.py"))
+    assert len(scripts) >= 9
+    for path in scripts:
+        assert path.stem not in sys.stdlib_module_names, path
+        assert "sys.path" not in path.read_text(), f"{path} edits sys.path (the package is installed)"
+    assert set(SCRIPT_OF_TASK.values()) | {"run_grid", "report"} == {p.stem for p in SCRIPTS.glob("*.py")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["gsm8k", "math500", "ifeval", "mmlu", "gpqa", "arith", "run_grid", "report"])
+def test_each_script_runs_as_a_file(name, tmp_path):
+    """`python eval_scripts/<name>.py --help` from any folder, as a separate process."""
+    out = subprocess.run([sys.executable, str(SCRIPTS / f"{name}.py"), "--help"], capture_output=True,
+                         text=True, timeout=300, cwd=tmp_path, stdin=subprocess.DEVNULL)
+    assert out.returncode == 0, out.stderr
+    assert ("--data-files" in out.stdout and "--k" in out.stdout) or name == "report"
+
+
+def test_console_entry_point_runs_every_command(capsys):
+    import importlib
+
+    from dllm_generation.eval.cli import COMMANDS, console_main
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    module, _, func = scripts["dllm-eval"].partition(":")
+    assert getattr(importlib.import_module(module), func) is console_main
+    for command in COMMANDS:
+        with pytest.raises(SystemExit) as exit_info:
+            console_main([command, "--help"])
+        assert exit_info.value.code == 0
+        assert f"usage: dllm-eval {command}" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        console_main(["gsm9k"])
+    assert exit_info.value.code == 2 and "invalid choice: 'gsm9k'" in capsys.readouterr().err
 
 
 def test_unreachable_model_is_a_clear_error(tmp_path, monkeypatch, capsys):

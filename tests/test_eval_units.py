@@ -61,6 +61,19 @@ def test_cli_rejects_bad_input_before_loading_anything(argv, expected, capsys):
     assert expected in capsys.readouterr().err
 
 
+def test_size_flag_takes_a_count_or_a_share():
+    from dllm_generation.eval.cli import DEFAULT_SIZE_TEXT, build_parser, parse_size
+
+    assert (parse_size("12"), parse_size("0.5"), parse_size("3/7")) == (12, 0.5, 3 / 7)
+    assert DEFAULT_SIZE_TEXT == "3/7" and parse_size(DEFAULT_SIZE_TEXT) == EvalOptions(task="gsm8k").size == 12 / 28
+    assert build_parser("gsm8k").parse_args([]).size == 12 / 28
+    with pytest.raises(SystemExit) as exit_info:
+        main("gsm8k", ["--model", "/does/not/exist", "--size", "half"])
+    assert exit_info.value.code == 2
+    with pytest.raises(InvalidOptionError, match=r"size=1.5 is out of range \(allowed: an integer >= 1"):
+        EvalOptions(task="gsm8k", size=1.5).validate()
+
+
 def test_config_name_says_what_differs_from_defaults():
     assert EvalOptions(task="gsm8k").config_name() == "k1_first0.429_output"  # the default share, 12 of 28 layers
     assert EvalOptions(task="gsm8k", size=12).config_name() == "k1_first12_output"

@@ -91,6 +91,10 @@ def size_label(size) -> str:
 class LayerReuseConfig:
     """Recompute `layers` (or a `subset` of `size` layers) only every `k` denoising steps.
 
+    `size`: an int is a count of layers; a float in (0, 1) is a share of the model's layers,
+    round(size * num_layers) with halves rounded up, at least 1. The default share 12/28 is the
+    published experiment's 12 of Fast_dLLM_v2_7B's 28 layers, and 6 of 14, 2 of 4 elsewhere. The
+    subset must leave at least one layer running (checked against the model before any compute).
     `mode="output"`: on a reuse step a target layer returns its stored output for those positions.
     `mode="residual"`: it returns its current input plus the stored (output - input), so tokens
     unmasked since the store still flow through the skipped layer.

@@ -99,11 +99,7 @@ def make_tiny_checkpoint(
     config = Qwen2Config(**qwen_keys)
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                continue
-            param.normal_(0.0, init_std if "embed" in name or "lm_head" in name else init_std / (param.shape[-1] ** 0.5) * 4)
+    init_random_weights(model, std=init_std)
     os.makedirs(path, exist_ok=True)
     model.to(getattr(torch, dtype)).save_pretrained(path, safe_serialization=True)
     # Replace transformers' config with the hub-format one: this is what the Hub serves.
@@ -118,6 +114,24 @@ def make_tiny_checkpoint(
             if os.path.exists(src):
                 shutil.copy(src, os.path.join(path, name))
     return path
+
+
+def init_random_weights(model, *, std: float, fan_in_scaled: bool = True,
+                        generator: torch.Generator | None = None) -> None:
+    """Normal random weights in place; every norm weight is 1.
+
+    `fan_in_scaled` (what tests use): embeddings and lm_head get `std`, every other matrix
+    `4 * std / sqrt(fan_in)`, so with std 0.5 logits are peaky and decisions robust to rounding.
+    Otherwise every matrix gets `std` (the benchmark's 0.02: realistic magnitudes, flat logits).
+    """
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.fill_(1.0)
+            elif fan_in_scaled and not ("embed" in name or "lm_head" in name):
+                param.normal_(0.0, std / (param.shape[-1] ** 0.5) * 4, generator=generator)
+            else:
+                param.normal_(0.0, std, generator=generator)
 
 
 def random_prompts(lengths, high: int, *, seed: int = 0) -> list[list[int]]:

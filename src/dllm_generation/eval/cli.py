@@ -12,7 +12,7 @@ import os
 import sys
 from fractions import Fraction
 
-from .data import DataUnavailableError
+from .data import DataUnavailableError, one_line
 from .model_calls import ModelUnavailableError
 from .options import (
     DEFAULT_MODEL,
@@ -40,7 +40,7 @@ def _str_list(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
-def _size(text: str) -> int | float:
+def parse_size(text: str) -> int | float:
     """A reuse size: "12" is a count of layers; "0.5" or "3/7" a share of them."""
     try:
         return int(text)
@@ -53,7 +53,7 @@ def _size(text: str) -> int | float:
 
 
 def _size_list(text: str) -> list[int | float]:
-    return [_size(x) for x in text.split(",") if x.strip()]
+    return [parse_size(x) for x in text.split(",") if x.strip()]
 
 
 DEFAULT_SIZE_TEXT = str(Fraction(DEFAULTS.size).limit_denominator(100))  # "3/7": 12 of 28 layers
@@ -80,7 +80,7 @@ def add_shared_arguments(parser: argparse.ArgumentParser, *, grid: bool = False,
     else:
         r.add_argument("--k", type=int, default=DEFAULTS.k, help="recompute reused layers every k denoising steps; 1 = no reuse")
         r.add_argument("--subset", default=DEFAULTS.subset, choices=SUBSETS, help="which layers are reused")
-        r.add_argument("--size", type=_size, default=DEFAULT_SIZE_TEXT, help=SIZE_HELP)
+        r.add_argument("--size", type=parse_size, default=DEFAULT_SIZE_TEXT, help=SIZE_HELP)
         r.add_argument("--mode", default=DEFAULTS.mode, choices=REUSE_MODES, help="reuse a layer's output or its residual update")
     r.add_argument("--layers", type=_int_list, default=None, help="explicit layer indices (instead of subset/size)")
 
@@ -249,7 +249,7 @@ def console_main(argv: list[str] | None = None) -> int:
 
 
 def _error(err: Exception) -> int:
-    print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+    print(f"error: {one_line(err)}", file=sys.stderr)
     return 1
 
 

@@ -182,7 +182,7 @@ def _load_hub_split(task: str, path: str, config: str | None, split: str) -> lis
         ds = datasets.load_dataset(path, name=config, split=split)
     except Exception as err:  # offline, gated, unknown id, bad split: all mean "pass files instead"
         raise DataUnavailableError(
-            f"cannot load {task} data from {tried}: {type(err).__name__}: {_one_line(err)}. "
+            f"cannot load {task} data from {tried}: {type(err).__name__}: {one_line(err)}. "
             f"If this machine is offline or the dataset is gated, pass local files: {LOCAL_HINTS[task]}"
         ) from err
     rows = ds.to_list()
@@ -190,7 +190,8 @@ def _load_hub_split(task: str, path: str, config: str | None, split: str) -> lis
     return rows
 
 
-def _one_line(err: Exception) -> str:
+def one_line(err: Exception) -> str:
+    """An exception's message on one line (error output is one line per failure)."""
     return " ".join(str(err).split()).rstrip(".")
 
 
@@ -309,7 +310,7 @@ def _read_file(path: str, task: str, *, columns: tuple[str, ...] | None = None) 
             check_fields(task, rows, where)
             return rows
     except (OSError, UnicodeDecodeError, csv.Error) as err:
-        raise DataUnavailableError(f"cannot read {where}: {_one_line(err)}") from err
+        raise DataUnavailableError(f"cannot read {where}: {one_line(err)}") from err
     raise DataUnavailableError(f"unsupported data file {path!r} (allowed: {', '.join(LOCAL_SUFFIXES)})")
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .data import one_line
 from .options import InvalidOptionError
 
 logger = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ def load_model_and_tokenizer(options, device: str | None):
     except (OSError, ValueError, RuntimeError) as err:
         raise ModelUnavailableError(
             f"cannot load model {options.model!r} (dtype={options.dtype}, device={device}): "
-            f"{type(err).__name__}: {_one_line(err)}. Pass a local checkpoint folder with --model PATH "
+            f"{type(err).__name__}: {one_line(err)}. Pass a local checkpoint folder with --model PATH "
             "(set HF_HUB_OFFLINE=1 on machines without internet)"
         ) from err
     if tokenizer is None:
@@ -109,6 +110,13 @@ def check_layer_reuse(options, num_layers: int) -> None:
         raise InvalidOptionError(f"{err} (model {options.model!r}; set {flag})") from None
 
 
+def check_model_fits(options, model, tokenizer) -> None:
+    """Settings that depend on the loaded model, checked before anything is written or decoded."""
+    check_layer_reuse(options, model.config.num_hidden_layers)
+    if tokenizer is not None:
+        check_tokenizer_fits(options, model, tokenizer)
+
+
 def check_tokenizer_fits(options, model, tokenizer) -> None:
     """A tokenizer with ids beyond the model's embedding table would fail inside the first forward."""
     rows = model.get_input_embeddings().num_embeddings
@@ -118,10 +126,6 @@ def check_tokenizer_fits(options, model, tokenizer) -> None:
             f"{options.model!r} embeds only ids 0..{rows - 1}: they do not belong together; pass the model's "
             "own tokenizer with --tokenizer"
         )
-
-
-def _one_line(err: Exception) -> str:
-    return " ".join(str(err).split()).rstrip(".")
 
 
 def build_generation_config(options, tokenizer):

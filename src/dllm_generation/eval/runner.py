@@ -27,6 +27,7 @@ from .distributed import ProcessContext, process_context
 from .model_calls import (
     build_generation_config,
     check_device,
+    check_model_fits,
     generate_batch,
     load_model_and_tokenizer,
     loglikelihood_batch,
@@ -158,15 +159,6 @@ def run_eval(
     if not ctx.is_main:
         summary = artifacts.read_json(files.summary)
     return summary
-
-
-def check_model_fits(options: EvalOptions, model, tokenizer) -> None:
-    """Settings that depend on the loaded model, checked before anything is written or decoded."""
-    from .model_calls import check_layer_reuse, check_tokenizer_fits
-
-    check_layer_reuse(options, model.config.num_hidden_layers)
-    if tokenizer is not None:
-        check_tokenizer_fits(options, model, tokenizer)
 
 
 def completed_summary(options: EvalOptions) -> dict | None:

@@ -2,17 +2,15 @@
 
 The runner needs only :func:`score_sample`, :func:`aggregate`,
 :data:`METRIC_NAMES` and :data:`PRIMARY_METRIC`. Heavy or optional libraries
-(math-verify, if-verifiable/NLTK, evaluate, datasets) are imported inside the
+(math-verify, if-verifiable/NLTK) are imported inside the
 functions that use them, so importing this package costs nothing on a machine
 that only generates.
 """
 
 from .choices import choice_accuracy, extract_choice, gold_letter
-from .evaluate_loading import METRIC_MODULES, load_metric
 from .scoring import METRIC_NAMES, PRIMARY_METRIC, TASKS, aggregate, score_sample
 
 __all__ = [
-    "METRIC_MODULES",
     "METRIC_NAMES",
     "PRIMARY_METRIC",
     "TASKS",
@@ -20,6 +18,5 @@ __all__ = [
     "choice_accuracy",
     "extract_choice",
     "gold_letter",
-    "load_metric",
     "score_sample",
 ]

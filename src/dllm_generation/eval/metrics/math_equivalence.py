@@ -58,7 +58,7 @@ def gold_answer(doc: dict) -> str:
 
 
 def _parse(latex_or_text: str, *, is_answer: bool) -> list:
-    from math_verify import parse  # lazy: the generation box lacks math-verify
+    from math_verify import parse  # lazy: only scoring MATH needs math-verify
 
     # A bare answer is re-boxed so math-verify reads it whole as LaTeX.
     source = f"\\boxed{{{latex_or_text}}}" if is_answer else latex_or_text
