@@ -198,6 +198,10 @@ def grid_main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
         return _interrupted()
     finally:
         shutdown()
+    if _is_main():
+        from .report import grid_table
+
+        print(grid_table(cells))
     return 1 if outcome.failed else 0
 
 

@@ -11,6 +11,7 @@ measured on a CPU or on a host busy with other work is flagged: its tokens/s is 
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 from collections import defaultdict
@@ -98,6 +99,19 @@ def build_report(root: str, *, output: str | None = None, plots: bool = True) ->
     os.makedirs(out_dir, exist_ok=True)
     write_text_atomic(output, "\n".join(lines) + "\n")
     return output
+
+
+def grid_table(cells) -> str:
+    """The accuracy x speed table of a grid's cells that have a summary (what `run_grid` prints)."""
+    runs = []
+    for options in cells:
+        path = os.path.join(options.run_dir(), "summary.json")
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                runs.append(json.load(f))
+    if not runs:
+        return "no finished configurations yet"
+    return "\n".join(_task_table(runs[0]["task"], runs))
 
 
 def comparability(summary: dict) -> str:
