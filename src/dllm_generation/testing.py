@@ -14,6 +14,8 @@ import shutil
 import torch
 from transformers.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
 
+from .hub_format import HUB_IDENTITY
+
 TOKENIZER_FILES = (
     "vocab.json",
     "merges.txt",
@@ -24,14 +26,9 @@ TOKENIZER_FILES = (
 )
 
 _DEFAULT_HUB_CONFIG = {
-    "architectures": ["Fast_dLLM_QwenForCausalLM"],
-    "auto_map": {
-        "AutoConfig": "configuration.Fast_dLLM_QwenConfig",
-        "AutoModelForCausalLM": "modeling.Fast_dLLM_QwenForCausalLM",
-    },
+    **HUB_IDENTITY,
     "bd_size": 32,
     "hidden_act": "silu",
-    "model_type": "Fast_dLLM_Qwen",
     "rms_norm_eps": 1e-6,
     "rope_theta": 1000000.0,
     "tie_word_embeddings": False,
