@@ -137,3 +137,18 @@ def test_demo_model_solves_arith_in_parallel(demo):
         stats = model.generate(input_ids=ids, **settings).stats
         tokens, forwards = tokens + stats["generated_tokens"], forwards + stats["forwards"]
     assert tokens / forwards > 1.5, tokens / forwards
+
+
+def test_arith_grid_defaults_to_the_demo_model_and_prints_the_table(tmp_path, capsys):
+    """`run_grid.py --task arith` needs no model, data or network flag, and ends with the table."""
+    from dllm_generation.eval.cli import grid_main
+
+    argv = ["--task", "arith", "--limit", "3", "--k", "1,2", "--subset", "first", "--batch-size", "3",
+            "--output-dir", str(tmp_path), "--no-warmup"]
+    assert grid_main(argv) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| k")]
+    assert [row.split(" | ")[0] for row in rows] == ["| k1_first0.429_output", "| k2_first0.429_output"]
+    assert "exact_match_strict" in out
+    summary = json.loads((tmp_path / "arith" / "k1_first0.429_output" / "summary.json").read_text())
+    assert summary["model"]["path"] == "demo" and summary["counts"]["samples"] == 3
