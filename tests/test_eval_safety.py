@@ -12,6 +12,7 @@ import os
 import re
 import tempfile
 import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -246,8 +247,8 @@ def test_an_output_dir_that_cannot_hold_results_is_refused_before_anything(where
     with pytest.raises(SystemExit) as exit_info:
         main("gsm8k", gsm8k_args(eval_checkpoint, out))
     assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err and f"output_dir='{out}'" in err
+    err = only_line(capsys.readouterr().err)
+    assert err.startswith(f"{Path(sys.argv[0]).name}: error: output_dir='{out}'")
     assert ("is a file" in err) if where == "inside a file" else ("is not writable" in err)
     assert not out.exists()
 

@@ -151,7 +151,7 @@ def main(task: str, argv: list[str] | None = None, *, prog: str | None = None) -
     try:
         options = options_from_args(task, args).validate()
     except InvalidOptionError as err:
-        parser.error(str(err))
+        _refuse(parser, err)
     from .distributed import shutdown
     from .runner import run_eval
 
@@ -187,7 +187,7 @@ def grid_main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
         base = options_from_args(args.task, args, k=1, subset=DEFAULTS.subset, size=DEFAULTS.size, mode=DEFAULTS.mode)
         cells = grid_options(base, args.k, args.subset, args.size, args.mode)
     except InvalidOptionError as err:
-        parser.error(str(err))
+        _refuse(parser, err)
     from .distributed import shutdown
 
     try:
@@ -250,6 +250,11 @@ def console_main(argv: list[str] | None = None) -> int:
     if ns.command == "report":
         return report_main(ns.args, prog=prog)
     return main(ns.command, ns.args, prog=prog)
+
+
+def _refuse(parser: argparse.ArgumentParser, err: Exception) -> None:
+    """A bad option: one line naming it (argparse's exit code 2), without the long usage text."""
+    parser.exit(2, f"{parser.prog}: error: {one_line(err)}\n")
 
 
 def _error(err: Exception) -> int:
