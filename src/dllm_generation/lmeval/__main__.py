@@ -4,9 +4,11 @@ from __future__ import annotations
 
 
 def main() -> None:
-    from lm_eval.__main__ import cli_evaluate
-
     from . import adapter  # noqa: F401  (registers "dllm_generation")
+    from .compat import import_evaluator
+
+    import_evaluator()
+    from lm_eval.__main__ import cli_evaluate
 
     cli_evaluate()
 
