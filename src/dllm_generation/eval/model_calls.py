@@ -129,7 +129,8 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], generation_config
     texts = [tokenizer.decode([t for t in row if t != pad], skip_special_tokens=True) for row in new]
     raw = dict(getattr(out, "stats", None) or getattr(model, "last_generation_stats", None) or {})
     stats = {name: raw.get(name, 0) for name in COUNTERS if name != "tokens"}
-    stats["generated_tokens"] = raw.get("generated_tokens", sum(counts))
+    # Counted from the rows returned (after any budget cut), so the samples add up to it.
+    stats["generated_tokens"] = sum(counts)
     stats["tokens"] = stats["generated_tokens"]
     stats["wall_seconds"] = clock.seconds
     stats["model_wall_seconds"] = raw.get("wall_seconds")
