@@ -202,8 +202,6 @@ class EvalOptions:
             parts.append(f"fast{me.fast_path}")
         if me.max_new_tokens != defaults.max_new_tokens:
             parts.append(f"n{me.max_new_tokens}")
-        if me.batch_size != defaults.batch_size:
-            parts.append(f"bs{me.batch_size}")
         if me.chat_template != defaults.chat_template:
             parts.append("chat" if me.chat_template else "nochat")
         if me.num_fewshot != defaults.num_fewshot:
