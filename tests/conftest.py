@@ -75,6 +75,17 @@ def tokenizer_path(tmp_path_factory) -> str:
                                 num_layers=2, hidden_size=32, intermediate_size=64, tokenizer_dir=str(TOKENIZER_DIR))
 
 
+@pytest.fixture(scope="session")
+def eval_checkpoint(tmp_path_factory) -> str:
+    """2-layer checkpoint (hidden 64) with the real tokenizer, for the eval pipeline's end-to-end tests."""
+    if not TOKENIZER_DIR.exists():
+        pytest.skip(f"shared tokenizer not found at {TOKENIZER_DIR}")
+    from dllm_generation.testing import make_tiny_checkpoint
+
+    path = tmp_path_factory.mktemp("eval_tiny") / "ckpt"
+    return make_tiny_checkpoint(str(path), tokenizer_dir=str(TOKENIZER_DIR), num_layers=2)
+
+
 def pad_batch(prompts: list[list[int]], side: str = "left", pad_id: int = 0):
     """HF-style padded input_ids + attention_mask."""
     width = max(len(p) for p in prompts)

@@ -17,15 +17,13 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"shared data folder {DATA} is absent (it sits beside the repo)")
 
-CELLS = ["k1_first1_output_custom_t0.05_n32", "k1_last1_output_custom_t0.05_n32", "k2_first1_output_custom_t0.05_n32", "k2_last1_output_custom_t0.05_n32"]
+# k=1 is no reuse: the grid runs it once, whatever the subsets.
+CELLS = ["k1_first1_output_custom_t0.05_n32", "k2_first1_output_custom_t0.05_n32", "k2_last1_output_custom_t0.05_n32"]
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    from dllm_generation.testing import make_tiny_checkpoint
-
-    path = tmp_path_factory.mktemp("tiny") / "ckpt"
-    return str(make_tiny_checkpoint(str(path), tokenizer_dir=str(DATA / "qwen2_tokenizer"), num_layers=2))
+def checkpoint(eval_checkpoint):
+    return eval_checkpoint
 
 
 def grid_command(checkpoint: str, out: Path) -> list[str]:
@@ -88,7 +86,7 @@ def test_grid_force_and_max_runs(checkpoint, tmp_path, capsys):
     out = tmp_path / "artifacts"
     argv = grid_command(checkpoint, out)[2:] + ["--max-runs", "1"]
     assert grid_main(argv) == 0
-    assert "ran 1, skipped 0, failed 0, not started 3" in capsys.readouterr().out
+    assert "ran 1, skipped 0, failed 0, not started 2" in capsys.readouterr().out
     mtime = (out / "gsm8k" / CELLS[0] / "summary.json").stat().st_mtime_ns
     assert grid_main(argv + ["--force", "--k", "1", "--subset", "first"]) == 0
     assert "ran 1, skipped 0" in capsys.readouterr().out
