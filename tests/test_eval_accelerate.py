@@ -32,7 +32,7 @@ def test_two_processes_match_one(tmp_path):
     from dllm_generation.testing import make_tiny_checkpoint
 
     ckpt = make_tiny_checkpoint(str(tmp_path / "ckpt"), tokenizer_dir=str(DATA / "qwen2_tokenizer"), num_layers=2)
-    task_args = dict(task="gsm8k", model=ckpt, limit=4, batch_size=2, max_new_tokens=32, threshold=0.05, k=2,
+    task_args = dict(task="gsm8k", protocol="custom", model=ckpt, limit=4, batch_size=2, max_new_tokens=32, threshold=0.05, k=2,
                      size=1, data_files=[str(DATA / "gsm8k" / "test.jsonl")])
     single = run_eval(EvalOptions(**task_args, output_dir=str(tmp_path / "one")), progress=False)
 
@@ -41,7 +41,7 @@ def test_two_processes_match_one(tmp_path):
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(_free_port()),
-        str(REPO / "eval_scripts" / "gsm8k.py"), "--model", ckpt, "--limit", "4", "--batch-size", "2",
+        str(REPO / "eval_scripts" / "gsm8k.py"), "--model", ckpt, "--protocol", "custom", "--limit", "4", "--batch-size", "2",
         "--max-new-tokens", "32", "--threshold", "0.05", "--k", "2", "--size", "1",
         "--data-files", str(DATA / "gsm8k" / "test.jsonl"), "--output-dir", str(out),
     ]

@@ -18,7 +18,7 @@ DATA = REPO.parent / "shared" / "data"
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"shared data folder {DATA} is absent (it sits beside the repo)")
 
 # k=1 is no reuse: the grid runs it once, whatever the subsets.
-CELLS = ["k1_first1_output_t0.05_n32", "k2_first1_output_t0.05_n32", "k2_last1_output_t0.05_n32"]
+CELLS = ["k1_first1_output_custom_t0.05_n32", "k2_first1_output_custom_t0.05_n32", "k2_last1_output_custom_t0.05_n32"]
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def grid_command(checkpoint: str, out: Path) -> list[str]:
     return [
         sys.executable, str(REPO / "eval_scripts" / "run_grid.py"), "--task", "gsm8k", "--k", "1,2",
         "--subset", "first,last", "--size", "1", "--model", checkpoint, "--output-dir", str(out),
-        "--data-files", str(DATA / "gsm8k" / "test.jsonl"), "--limit", "2", "--batch-size", "2",
+        "--data-files", str(DATA / "gsm8k" / "test.jsonl"), "--protocol", "custom", "--limit", "2", "--batch-size", "2",
         "--max-new-tokens", "32", "--threshold", "0.05", "--no-warmup",
     ]
 

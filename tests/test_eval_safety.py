@@ -25,7 +25,8 @@ from dllm_generation.eval.options import EvalOptions
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"shared data folder {DATA} is absent (it sits beside the repo)")
 GSM8K = str(DATA / "gsm8k" / "test.jsonl")
-QUICK = ["--batch-size", "2", "--max-new-tokens", "32", "--threshold", "0.05", "--no-warmup"]
+# --protocol custom: these runs change protocol-governed settings (batch size, threshold).
+QUICK = ["--protocol", "custom", "--batch-size", "2", "--max-new-tokens", "32", "--threshold", "0.05", "--no-warmup"]
 
 
 def gsm8k_args(model: str, out: Path, *extra: str, limit: int = 2) -> list[str]:
@@ -103,8 +104,8 @@ def test_force_sets_old_results_aside_until_the_first_new_result(finished_run, e
         raise RuntimeError("out of memory")
 
     monkeypatch.setattr(runner_module, "generate_batch", crash_before_first_result)
-    options = EvalOptions(task="gsm8k", model=eval_checkpoint, data_files=[GSM8K], output_dir=str(out), limit=4,
-                          batch_size=2, max_new_tokens=32, threshold=0.05, warmup=False, force=True)
+    options = EvalOptions(task="gsm8k", protocol="custom", model=eval_checkpoint, data_files=[GSM8K],
+                          output_dir=str(out), limit=4, batch_size=2, max_new_tokens=32, threshold=0.05, warmup=False, force=True)
     with pytest.raises(RuntimeError, match="out of memory"):
         runner_module.run_eval(options, progress=False)
     assert calls and snapshot(run) == before  # nothing written yet: the old results are back
@@ -164,9 +165,9 @@ def test_grid_extends_finished_cells_to_a_larger_limit(eval_checkpoint, tmp_path
     decoded = []
     real = runner_module.generate_batch
 
-    def counting(model, tokenizer, prompts, cfg):
+    def counting(model, tokenizer, prompts, cfg, budgets=None):
         decoded.append(len(prompts))
-        return real(model, tokenizer, prompts, cfg)
+        return real(model, tokenizer, prompts, cfg, budgets)
 
     monkeypatch.setattr(runner_module, "generate_batch", counting)
     assert grid_main(argv + ["--limit", "3"]) == 0
@@ -180,7 +181,7 @@ def test_grid_extends_finished_cells_to_a_larger_limit(eval_checkpoint, tmp_path
 
 def test_a_smaller_limit_reports_fewer_rows_and_keeps_every_finished_one(finished_run, eval_checkpoint):
     out, run = finished_run
-    summary = runner_module.run_eval(EvalOptions(task="gsm8k", model=eval_checkpoint, data_files=[GSM8K],
+    summary = runner_module.run_eval(EvalOptions(task="gsm8k", protocol="custom", model=eval_checkpoint, data_files=[GSM8K],
                                                  output_dir=str(out), limit=2, batch_size=2, max_new_tokens=32,
                                                  threshold=0.05, warmup=False), progress=False)
     assert summary["counts"]["samples"] == 2 and summary["throughput"]["prompts"] == 2
@@ -225,7 +226,7 @@ def test_default_reuse_size_fits_a_shallow_model_and_a_too_large_one_is_refused_
     assert main("gsm8k", gsm8k_args(eval_checkpoint, out, "--k", "2", "--size", "12")) == 1
     line = only_line(capsys.readouterr().err)
     assert "size=12 is too large for a model of 2 layers" in line and "--size" in line
-    assert not (out / "gsm8k" / "k2_first12_output_t0.05_n32").exists()
+    assert not (out / "gsm8k" / "k2_first12_output_custom_t0.05_n32").exists()
 
 
 @pytest.mark.parametrize("where", ["inside a file", "unwritable"])

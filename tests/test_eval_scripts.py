@@ -22,7 +22,7 @@ SCRIPTS = REPO / "eval_scripts"
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"shared data folder {DATA} is absent (it sits beside the repo)")
 
 # Small and quick: a low threshold unmasks many tokens per step on a random model.
-FAST = ["--limit", "2", "--batch-size", "2", "--max-new-tokens", "32", "--threshold", "0.05", "--no-warmup"]
+FAST = ["--protocol", "custom", "--limit", "2", "--batch-size", "2", "--max-new-tokens", "32", "--threshold", "0.05", "--no-warmup"]
 SAMPLE_KEYS = {"id", "index", "prediction", "extracted", "gold", "correct", "metrics"}
 
 
@@ -56,7 +56,7 @@ def test_gsm8k_script_writes_summary_and_samples(checkpoint, tmp_path, monkeypat
             "--k", "2", "--subset", "first", "--size", "1", *FAST[:-1]]  # warm-up on
     assert run_script("gsm8k", argv, monkeypatch) == 0
     run = only_run_dir(out, "gsm8k")
-    assert run.name == "k2_first1_output_t0.05_n32"
+    assert run.name == "k2_first1_output_custom_t0.05_n32"
     assert str(run / "summary.json") in capsys.readouterr().out
     summary = json.loads((run / "summary.json").read_text())
     assert summary["task"] == "gsm8k" and summary["config"] == run.name
@@ -102,9 +102,9 @@ def _gpqa_csv(path: Path) -> str:
     [
         ("math", "math500/test.jsonl", [], "math_verify"),
         ("ifeval", "ifeval/input_data.jsonl", [], None),
-        ("mmlu", "mmlu", [], "accuracy"),
+        ("mmlu", "mmlu", ["--num-fewshot", "5"], "accuracy"),
         ("mmlu", "mmlu", ["--mmlu-mode", "generative"], "acc"),
-        ("gpqa", None, ["--k", "3", "--subset", "last", "--size", "1"], "acc"),
+        ("gpqa", None, ["--k", "3", "--subset", "last", "--size", "1"], "accuracy"),
     ],
     ids=["math", "ifeval", "mmlu-loglikelihood", "mmlu-generative", "gpqa"],
 )
@@ -125,15 +125,15 @@ def test_task_scripts_end_to_end(task, data, extra, metric, checkpoint, tmp_path
     assert summary["accuracy"] == pytest.approx(summary["metrics"][summary["primary_metric"]])
     tp = summary["throughput"]
     assert tp["tokens"] > 0 and tp["forwards"] > 0 and tp["tokens_per_second"] > 0
-    if task == "mmlu" and not extra:  # loglikelihood: one forward per pair batch, nothing generated
+    if task == "mmlu" and "--mmlu-mode" not in extra:  # loglikelihood: one forward per pair batch, nothing generated
         assert summary["prompting"]["num_fewshot"] == 5 and summary["dataset"]["fewshot_split"] == "dev"
         assert tp["generated_tokens"] == 0 and tp["token_kind"].startswith("scored")
         assert all(len(s["loglikelihoods"]) == 4 and s["prediction"] in "ABCD" for s in samples)
         assert summary["accuracy"] == sum(s["correct"] for s in samples) / 2
         assert set(summary["metrics"]["accuracy_by_subject"]) == {"abstract_algebra"}
-    if task == "gpqa":
+    if task == "gpqa":  # loglikelihood over (A)-(D), as lm-eval's gpqa_main_n_shot
         assert run.name.startswith("k3_last1_output")
-        assert tp["layer_calls_skipped"] > 0
+        assert all(len(s["loglikelihoods"]) == 4 for s in samples)
         assert {s["gold"] for s in samples} <= set("ABCD")
 
 
@@ -185,7 +185,7 @@ def test_unreachable_model_is_a_clear_error(tmp_path, monkeypatch, capsys):
 
 
 def _options(checkpoint, out, **changes):
-    return EvalOptions(task="gsm8k", model=checkpoint, limit=4, batch_size=2, max_new_tokens=32, threshold=0.05,
+    return EvalOptions(task="gsm8k", protocol="custom", model=checkpoint, limit=4, batch_size=2, max_new_tokens=32, threshold=0.05,
                        warmup=False, output_dir=str(out), data_files=[str(DATA / "gsm8k" / "test.jsonl")]).replace(**changes)
 
 
@@ -203,8 +203,8 @@ def test_interrupted_run_resumes_without_recomputing_finished_prompts(checkpoint
     generated: list[str] = []
     real = runner_module.generate_batch
 
-    def counting(model, tokenizer, prompts, cfg):
-        result = real(model, tokenizer, prompts, cfg)
+    def counting(model, tokenizer, prompts, cfg, budgets=None):
+        result = real(model, tokenizer, prompts, cfg, budgets)
         generated.extend(result.texts)
         return result
 

@@ -15,7 +15,7 @@ from dllm_generation.eval import artifacts
 from dllm_generation.eval.cli import main
 from dllm_generation.eval.data import DataUnavailableError, load_task_data
 from dllm_generation.eval.options import EvalOptions, InvalidOptionError
-from dllm_generation.eval.prompts import build_prompt, gsm8k_worked_answer, mmlu_continuations, render_prompt
+from dllm_generation.eval.prompts import build_prompt, continuations, render_prompt
 from dllm_generation.eval.report import build_report
 from dllm_generation.eval.throughput import summarize_throughput
 
@@ -30,12 +30,12 @@ needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"shared data folder {
         ({"k": 0}, "k=0", ">= 1"),
         ({"subset": "top"}, "subset='top'", "first, middle, last"),
         ({"mode": "cache"}, "mode='cache'", "output, residual"),
-        ({"small_block_size": 5}, "small_block_size=5", "divisor"),
-        ({"threshold": 1.5}, "threshold=1.5", "0 < threshold <= 1"),
+        ({"protocol": "custom", "small_block_size": 5}, "small_block_size=5", "divisor"),
+        ({"protocol": "custom", "threshold": 1.5}, "threshold=1.5", "0 < threshold <= 1"),
         ({"limit": 0}, "limit=0", ">= 1"),
         ({"layers": [1, 1]}, "layers=[1, 1]", "distinct"),
-        ({"task": "math", "num_fewshot": 3}, "num_fewshot=3", "allowed: 0"),
-        ({"mmlu_mode": "generative"}, "mmlu_mode='generative'", "only applies to task 'mmlu'"),
+        ({"task": "math", "protocol": "custom", "num_fewshot": 3}, "num_fewshot=3", "allowed: 0"),
+        ({"protocol": "custom", "mmlu_mode": "generative"}, "mmlu_mode='generative'", "only applies to task 'mmlu'"),
         ({"fast_path": "turbo"}, "fast_path='turbo'", "on, off, graphs, compile"),
     ],
 )
@@ -77,9 +77,10 @@ def test_size_flag_takes_a_count_or_a_share():
 def test_config_name_says_what_differs_from_defaults():
     assert EvalOptions(task="gsm8k").config_name() == "k1_first0.429_output"  # the default share, 12 of 28 layers
     assert EvalOptions(task="gsm8k", size=12).config_name() == "k1_first12_output"
-    opts = EvalOptions(task="mmlu", k=3, subset="last", size=4, mode="residual", threshold=0.8,
+    opts = EvalOptions(task="mmlu", protocol="custom", k=3, subset="last", size=4, mode="residual", threshold=0.8,
                        max_new_tokens=64, chat_template=False, mmlu_mode="generative", use_block_cache=False)
-    assert opts.config_name() == "k3_last4_residual_t0.8_nocache_n64_nochat_gen"
+    assert opts.config_name() == "k3_last4_residual_custom_t0.8_nocache_n64_nochat_gen"
+    assert EvalOptions(task="mmlu", protocol="paper").config_name() == "k1_first0.429_output_paper"
     assert EvalOptions(task="gsm8k", k=2, layers=[0, 5]).config_name() == "k2_layers0-5_output"
     assert EvalOptions(task="gpqa", seed=3, dtype="bfloat16").config_name() == "k1_first0.429_output_bfloat16_seed3"
     assert EvalOptions(task="gsm8k", run_name="mine", output_dir="out").run_dir() == os.path.join("out", "gsm8k", "mine")
@@ -114,18 +115,8 @@ def test_local_jsonl_tasks_load_with_ids_and_limit():
 
 
 @needs_data
-def test_gsm8k_fewshot_comes_from_train_beside_test():
-    data = load_task_data(EvalOptions(task="gsm8k", limit=1, num_fewshot=2, data_files=[str(DATA / "gsm8k" / "test.jsonl")]))
-    shots = data.fewshot[""]
-    assert len(shots) == 2 and data.source["fewshot_files"][0].endswith("train.jsonl")
-    prompt = build_prompt("gsm8k", data.examples[0].doc, data.fewshot)
-    assert [m["role"] for m in prompt.messages] == ["user", "assistant", "user", "assistant", "user"]
-    assert "\\boxed{72}" in prompt.messages[1]["content"] and "<<" not in prompt.messages[1]["content"]
-
-
-@needs_data
 def test_mmlu_csv_folder_reads_every_row_and_dev_shots():
-    data = load_task_data(EvalOptions(task="mmlu", data_files=[str(DATA / "mmlu")]))
+    data = load_task_data(EvalOptions(task="mmlu", protocol="paper", data_files=[str(DATA / "mmlu")]))
     assert data.source["total"] == 14042
     assert len(data.fewshot) == 57 and all(len(v) == 5 for v in data.fewshot.values())
     first = data.examples[0]
@@ -150,7 +141,7 @@ def _write_gpqa_csv(path: Path, n: int = 4) -> Path:
     return path
 
 
-def test_gpqa_choices_shuffled_with_fixed_seed(tmp_path):
+def test_gpqa_choices_shuffled_as_lm_eval_and_independent_of_limit(tmp_path):
     path = _write_gpqa_csv(tmp_path / "gpqa_main.csv", n=12)
     a = load_task_data(EvalOptions(task="gpqa", data_files=[str(path)]))
     b = load_task_data(EvalOptions(task="gpqa", data_files=[str(path)], limit=2))
@@ -160,7 +151,7 @@ def test_gpqa_choices_shuffled_with_fixed_seed(tmp_path):
         assert sorted(ex.doc["choices"]) == sorted([ex.doc["Correct Answer"], *(ex.doc[f"Incorrect Answer {i}"] for i in (1, 2, 3))])
     assert len({e.doc["answer"] for e in a.examples}) > 1  # the gold is not always in the same slot
     other = load_task_data(EvalOptions(task="gpqa", data_files=[str(path)], seed=1))
-    assert [e.doc["choices"] for e in other.examples] != [e.doc["choices"] for e in a.examples]
+    assert [e.doc["choices"] for e in other.examples] == [e.doc["choices"] for e in a.examples]  # lm-eval's fixed 42
 
 
 def test_hub_unreachable_names_what_was_tried_and_local_files(monkeypatch, tmp_path):
@@ -213,28 +204,28 @@ def test_mmlu_prompt_is_five_shot_multiturn_and_choices_are_single_tokens(tokeni
               "answer_letter": "ABCD"[i % 4]} for i in range(5)]
     doc = {"question": "Which?", "subject": "anatomy", "choices": ["w", "x", "y", "z"], "answer": 2, "answer_letter": "C"}
     prompt = build_prompt("mmlu", doc, {"anatomy": shots})
-    assert len(prompt.messages) == 11 and prompt.messages[1]["content"] == "A"
-    assert prompt.messages[0]["content"].startswith("The following are multiple choice questions (with answers) about anatomy.")
+    assert len(prompt.messages) == 12 and prompt.messages[2]["content"] == "A"
+    assert prompt.messages[0] == {"role": "system",
+                                  "content": "The following are multiple choice questions (with answers) about anatomy.\n\n"}
     assert prompt.plain.endswith("Which?\nA. w\nB. x\nC. y\nD. z\nAnswer:") and "Answer: A\n\n" in prompt.plain
     text = tokenizer.decode(render_prompt(tokenizer, prompt, chat_template=True))
     assert text.rstrip().endswith("<|im_start|>assistant") and text.count("<|im_start|>user") == 6
     for chat in (True, False):
-        ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in mmlu_continuations(chat)]
+        ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in continuations("mmlu", chat)]
         assert all(len(i) == 1 for i in ids) and len({i[0] for i in ids}) == 4
     generative = build_prompt("mmlu", doc, {"anatomy": shots}, mmlu_mode="generative")
-    assert generative.messages[1]["content"] == "Answer: A" and "'Answer: X'" in generative.messages[-1]["content"]
+    assert generative.messages[2]["content"] == "Answer: A" and "'Answer: X'" in generative.messages[-1]["content"]
 
 
-def test_task_prompts_ask_for_the_answer_format(tokenizer):
+def test_task_prompts_are_lm_eval_formats(tokenizer):
     gsm = build_prompt("gsm8k", {"question": "2+2?"}, {})
-    assert gsm.messages == [{"role": "user", "content": "2+2?\nPlease reason step by step, and put your final answer within \\boxed{}."}]
-    assert "\\boxed{}" in build_prompt("math", {"problem": "x?"}, {}).messages[0]["content"]
+    assert gsm.messages == [{"role": "user", "content": "Question: 2+2?\nAnswer:"}]
+    assert build_prompt("math", {"problem": "x?"}, {}).messages[0]["content"] == "Problem:\nx?\n\nSolution:"
     assert build_prompt("ifeval", {"prompt": "Write a haiku."}, {}).messages[0]["content"] == "Write a haiku."
-    gpqa = build_prompt("gpqa", {"question": "Q?", "choices": ["1", "2", "3", "4"]}, {}).messages[0]["content"]
-    assert "Answer: $LETTER" in gpqa and "A) 1\nB) 2\nC) 3\nD) 4" in gpqa
-    plain = render_prompt(tokenizer, gsm, chat_template=False)
-    assert "<|im_start|>" not in tokenizer.decode(plain)
-    assert gsm8k_worked_answer("a <<1+1=2>>2\n#### 2") == "a 2\nThe final answer is \\boxed{2}."
+    gpqa = build_prompt("gpqa", {"Question": "Q?", "choices": ["1", "2", "3", "4"]}, {}).messages[-1]["content"]
+    assert gpqa == "Question: Q?\nChoices:\n(A) 1\n(B) 2\n(C) 3\n(D) 4\nAnswer:"
+    plain = tokenizer.decode(render_prompt(tokenizer, gsm, chat_template=False))
+    assert "<|im_start|>" not in plain and plain.endswith("within \\boxed{{}}.")
 
 
 # ---------------------------------------------------------------------------- artifacts

@@ -18,7 +18,9 @@ from .options import (
     DEFAULT_MODEL,
     DTYPES,
     FAST_PATHS,
+    LOGLIKELIHOOD_FORWARDS,
     MMLU_MODES,
+    PROTOCOLS,
     REUSE_MODES,
     SUBSETS,
     TASKS,
@@ -63,11 +65,17 @@ SIZE_HELP = ("layers in the subset: a count (12) or a share of the model's layer
 
 def add_shared_arguments(parser: argparse.ArgumentParser, *, grid: bool = False, mmlu: bool = False) -> None:
     """The arguments every task script and the grid share. In a grid, reuse knobs take lists."""
+    parser.add_argument("--protocol", default=DEFAULTS.protocol, choices=PROTOCOLS,
+                        help="fork = the layer-reuse experiment, paper = the Fast-dLLM v2 authors' settings, custom = "
+                        "fork's values, every flag free; decides prompts, shots, decoding, batch size and budget "
+                        "(docs/evaluation.md); a contradicting flag is an error")
     m = parser.add_argument_group("model")
     m.add_argument("--model", default=None, help=f"hub id, local checkpoint folder, or a shipped model name (demo); "
                    f"None = demo for arith, else {DEFAULT_MODEL}")
     m.add_argument("--tokenizer", default=None, help="tokenizer folder/id when the checkpoint has none; None = the checkpoint's")
-    m.add_argument("--dtype", default=DEFAULTS.dtype, choices=DTYPES, help="weights dtype; auto = the checkpoint's on a GPU, float32 on a CPU")
+    m.add_argument("--dtype", default=None, choices=DTYPES,
+                   help="weights dtype; None = the protocol's (reference: bf16 on compute capability >= 8, fp16 on 7.x, "
+                   "fp32 off CUDA); auto = the checkpoint's on a GPU, float32 on a CPU")
     m.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...; None = cuda if available (one GPU per process under accelerate)")
     m.add_argument("--mask-token-id", type=int, default=None, help="override the |<MASK>| id")
 
@@ -84,22 +92,26 @@ def add_shared_arguments(parser: argparse.ArgumentParser, *, grid: bool = False,
         r.add_argument("--mode", default=DEFAULTS.mode, choices=REUSE_MODES, help="reuse a layer's output or its residual update")
     r.add_argument("--layers", type=_int_list, default=None, help="explicit layer indices (instead of subset/size)")
 
-    d = parser.add_argument_group("decoding (Fast-dLLM v2 defaults)")
-    d.add_argument("--block-size", type=int, default=DEFAULTS.block_size, help="tokens decoded per block")
-    d.add_argument("--small-block-size", type=int, default=DEFAULTS.small_block_size, help="sub-block size; divides --block-size")
-    d.add_argument("--threshold", type=float, default=DEFAULTS.threshold, help="confidence to unmask in parallel")
-    d.add_argument("--block-cache", dest="use_block_cache", action=argparse.BooleanOptionalAction, default=True,
+    d = parser.add_argument_group("decoding (None = the protocol's value)")
+    d.add_argument("--block-size", type=int, default=None, help="tokens decoded per block")
+    d.add_argument("--small-block-size", type=int, default=None, help="sub-block size; divides --block-size")
+    d.add_argument("--threshold", type=float, default=None, help="confidence to unmask in parallel")
+    d.add_argument("--block-cache", dest="use_block_cache", action=argparse.BooleanOptionalAction, default=None,
                    help="reuse the current block's K/V between sub-blocks")
     d.add_argument("--fast-path", default=DEFAULTS.fast_path, choices=FAST_PATHS,
                    help="GPU fast path: on (CUDA graphs where it applies), off (plain path), graphs, compile (faster; bf16 rounding differs)")
-    d.add_argument("--max-new-tokens", type=int, default=None, help="generation budget per prompt; None = 320 for arith, else 2048")
-    d.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="prompts per model call (pairs per forward for MMLU loglikelihood)")
+    d.add_argument("--max-new-tokens", type=int, default=None, help="generation budget per prompt; None = the protocol's (320 for arith, else 2048)")
+    d.add_argument("--batch-size", type=int, default=None, help="prompts per model call (pairs per forward for loglikelihood); None = the protocol's "
+                   "(fork 1; paper 32 for generative tasks, else 1; arith 8, free under every protocol)")
+    d.add_argument("--loglikelihood-forward", default=None, choices=LOGLIKELIHOOD_FORWARDS,
+                   help="MMLU/GPQA masked forward: reference (first continuation token masked, rest, EOS and mask "
+                   "padding visible) or masked_continuation (all masked, padding hidden)")
 
     p = parser.add_argument_group("prompts and data")
-    p.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=True, help="format prompts with the tokenizer's chat template")
-    p.add_argument("--num-fewshot", type=int, default=None, help="worked examples per prompt (None = 5 for MMLU, else 0)")
+    p.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None, help="format prompts with the tokenizer's chat template")
+    p.add_argument("--num-fewshot", type=int, default=None, help="worked examples per prompt (None = the protocol's)")
     if grid or mmlu:
-        p.add_argument("--mmlu-mode", default=DEFAULTS.mmlu_mode, choices=MMLU_MODES,
+        p.add_argument("--mmlu-mode", default=None, choices=MMLU_MODES,
                        help="MMLU: loglikelihood (one masked forward, as upstream) or generative (layer reuse applies)")
     p.add_argument("--limit", type=int, default=None, help="only the first N rows (quick runs)")
     p.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seeds torch/random and the GPQA option shuffle")

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import random
+import re
 from dataclasses import dataclass, field
 
 from ..arith.data import test_set_path as arith_test_set_path
@@ -26,6 +27,12 @@ from .metrics.choices import LETTERS
 
 logger = logging.getLogger(__name__)
 
+# EleutherAI/hendrycks_math configs in lm-eval's minerva_math group order (its subtasks
+# minerva_math_algebra, _counting_and_prob, _geometry, _intermediate_algebra, _num_theory, _prealgebra, _precalc).
+MINERVA_MATH_SUBJECTS = ("algebra", "counting_and_probability", "geometry", "intermediate_algebra",
+                         "number_theory", "prealgebra", "precalculus")
+# lm-eval's gpqa n_shot utils shuffle every document's options with one module-level Random(42).
+GPQA_SHUFFLE_SEED = 42
 MMLU_COLUMNS = ("question", "A", "B", "C", "D", "answer_letter")
 GPQA_WRONG = ("Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3")
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -42,6 +49,7 @@ class HubSource:
 HUB_SOURCES = {
     "gsm8k": HubSource("openai/gsm8k", "main", "test", fewshot_split="train"),
     "math": HubSource("HuggingFaceH4/MATH-500", None, "test"),
+    "minerva_math": HubSource("EleutherAI/hendrycks_math", None, "test"),
     "ifeval": HubSource("google/IFEval", None, "train"),
     "mmlu": HubSource("cais/mmlu", "all", "test", fewshot_split="dev"),
     "gpqa": HubSource("Idavidrein/gpqa", "gpqa_main", "train"),
@@ -53,6 +61,7 @@ REQUIRED_FIELDS: dict[str, tuple] = {
     "gsm8k": ("question", "answer"),
     "arith": ("question", "answer"),
     "math": ("problem", ("answer", "solution")),
+    "minerva_math": ("problem", "solution"),
     "ifeval": ("prompt", "instruction_id_list", "kwargs"),
     "mmlu": ("question", "choices", "answer"),
     "gpqa": ("Question", "Correct Answer", *GPQA_WRONG),
@@ -63,6 +72,8 @@ SPLIT_NAMES = ("test", "train", "validation", "dev", "val")
 LOCAL_HINTS = {
     "gsm8k": "--data-files <data>/gsm8k/test.jsonl (few-shot examples come from train.jsonl beside it)",
     "math": "--data-files <data>/math500/test.jsonl",
+    "minerva_math": "--data-files with the MATH test rows (problem, solution, and type or subject), e.g. the "
+    "EleutherAI/hendrycks_math test files of all 7 subjects",
     "ifeval": "--data-files <data>/ifeval/input_data.jsonl",
     "mmlu": "--data-files <data>/mmlu (a folder with test/ and dev/ CSVs, headerless: question,A,B,C,D,answer)",
     "arith": "--data-files <jsonl with question/answer rows> (default: the shipped held-out test set)",
@@ -157,6 +168,11 @@ def _where(source: dict) -> str:
 
 # ---------------------------------------------------------------------------- hub
 def _read_hub(task: str, hub: HubSource, need_fewshot: bool):
+    if task == "minerva_math" and hub.config is None:
+        # lm-eval's minerva_math group: one subtask per subject config, in this order.
+        rows = [dict(r, type=r.get("type") or config)
+                for config in MINERVA_MATH_SUBJECTS for r in _load_hub_split(task, hub.path, config, hub.split)]
+        return rows, None, {"kind": "hub", "path": hub.path, "config": list(MINERVA_MATH_SUBJECTS), "split": hub.split}
     rows = _load_hub_split(task, hub.path, hub.config, hub.split)
     fewshot_rows = None
     if need_fewshot:
@@ -408,6 +424,8 @@ def _to_examples(task: str, rows: list[dict], *, seed: int) -> list[Example]:
         return [Example(str(r.get("id") or f"arith-{i}"), dict(r)) for i, r in enumerate(rows)]
     if task == "math":
         return [Example(str(r.get("unique_id") or f"math-{i}"), dict(r)) for i, r in enumerate(rows)]
+    if task == "minerva_math":
+        return _minerva_examples(rows)
     if task == "ifeval":
         return [Example(str(r.get("key", i)), dict(r)) for i, r in enumerate(rows)]
     if task == "mmlu":
@@ -419,8 +437,31 @@ def _to_examples(task: str, rows: list[dict], *, seed: int) -> list[Example]:
             out.append(Example(f"{doc['subject']}/{n}", doc))
         return out
     if task == "gpqa":
-        return [_gpqa_example(r, i, seed) for i, r in enumerate(rows)]
+        rng = random.Random(GPQA_SHUFFLE_SEED)
+        return [_gpqa_example(r, i, rng) for i, r in enumerate(rows)]
     raise ValueError(task)
+
+
+def math_subject(doc: dict) -> str:
+    """The MATH subject of a row: hendrycks `type` ("Counting & Probability") or MATH-500 `subject`."""
+    name = str(doc.get("type") or doc.get("subject") or "unknown")
+    return name.strip().lower().replace(" & ", "_and_").replace(" ", "_")
+
+
+def _minerva_examples(rows: list[dict]) -> list[Example]:
+    """Rows in lm-eval's subtask order (subject by subject, file order within), ids `<subject>/<i>`."""
+    order = {name: i for i, name in enumerate(MINERVA_MATH_SUBJECTS)}
+    for i, r in enumerate(rows):
+        if "problem" not in r or "solution" not in r:
+            raise DataUnavailableError(f"minerva_math row {i} lacks 'problem' or 'solution' (got {sorted(r)})")
+    keyed = sorted(enumerate(rows), key=lambda ir: (order.get(math_subject(ir[1]), len(order)), ir[0]))
+    out, seen = [], {}
+    for _, r in keyed:
+        subject = math_subject(r)
+        n = seen.get(subject, 0)
+        seen[subject] = n + 1
+        out.append(Example(f"{subject}/{n}", dict(r, subject_key=subject)))
+    return out
 
 
 def _mmlu_doc(row: dict) -> dict:
@@ -438,8 +479,18 @@ def _mmlu_doc(row: dict) -> dict:
     return doc
 
 
-def _gpqa_example(row: dict, index: int, seed: int) -> Example:
-    """GPQA release columns; the four options are shuffled with a seed fixed per question."""
+def gpqa_clean(text) -> str:
+    """lm-eval's GPQA option clean-up: strip, " [title]" to ". ", drop [bracketed] spans, squeeze double spaces."""
+    if text is None:
+        return " "
+    text = str(text).strip().replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
+
+
+def _gpqa_example(row: dict, index: int, rng: random.Random) -> Example:
+    """GPQA release columns; options cleaned and shuffled as lm-eval's gpqa_*_n_shot does (one Random(42)
+    drawn once per row in file order: the order depends on the rows before, as in lm-eval)."""
     missing = [c for c in ("Question", "Correct Answer", *GPQA_WRONG) if c not in row]
     if missing:
         raise DataUnavailableError(
@@ -447,13 +498,12 @@ def _gpqa_example(row: dict, index: int, seed: int) -> Example:
             "(Question, Correct Answer, Incorrect Answer 1..3)"
         )
     ident = str(row.get("Record ID") or f"gpqa-{index}")
-    options = [str(row["Correct Answer"]).strip()] + [str(row[c]).strip() for c in GPQA_WRONG]
-    order = list(range(4))
-    random.Random(f"{seed}:{ident}").shuffle(order)
+    options = [gpqa_clean(row[c]) for c in GPQA_WRONG] + [gpqa_clean(row["Correct Answer"])]
+    rng.shuffle(options)
     doc = dict(row)
-    doc["question"] = str(row["Question"]).strip()
-    doc["choices"] = [options[j] for j in order]
-    doc["answer"] = order.index(0)
+    doc["question"] = str(row["Question"])
+    doc["choices"] = options
+    doc["answer"] = options.index(gpqa_clean(row["Correct Answer"]))
     doc["answer_letter"] = LETTERS[doc["answer"]]
     return Example(ident, doc)
 

@@ -31,6 +31,9 @@ class BatchResult:
     texts: list[str]
     token_counts: list[int]
     stats: dict = field(default_factory=dict)
+    # Tokens as the reference model class counts them: every non-mask slot after the prompt, i.e.
+    # through the end of the block holding EOS (post-EOS padding included), see `reference_token_count`.
+    reference_token_counts: list[int] = field(default_factory=list)
 
 
 def load_model_and_tokenizer(options, device: str | None):
@@ -42,7 +45,12 @@ def load_model_and_tokenizer(options, device: str | None):
     from dllm_generation import load_model
     from dllm_generation.loading import config_from_hub_dict, read_config_dict, resolve_pretrained
 
-    dtype = None if options.dtype == "auto" else options.dtype
+    dtype = options.dtype
+    if dtype == "reference":
+        from .protocols import reference_dtype
+
+        dtype = reference_dtype(device)
+    dtype = None if dtype in ("auto", None) else dtype
     if dtype is None and str(device or "cpu").startswith("cpu"):
         dtype = "float32"  # half-precision matmuls on a CPU are slow and round more: auto means float32 there
     kwargs = {"dtype": dtype, "device": device, "mask_token_id": options.mask_token_id}
@@ -150,8 +158,14 @@ def build_generation_config(options, tokenizer):
     )
 
 
-def generate_batch(model, tokenizer, prompts: list[list[int]], generation_config) -> BatchResult:
-    """Decode one left-padded batch; texts exclude the prompt, special tokens and padding."""
+def generate_batch(model, tokenizer, prompts: list[list[int]], generation_config,
+                   budgets: list[int] | None = None) -> BatchResult:
+    """Decode one left-padded batch; texts exclude the prompt, special tokens and padding.
+
+    `budgets` cuts each row to its own token budget (the reference's block-aligned budget); the
+    batch is decoded with the largest, and a row's tokens do not depend on the others or on later
+    blocks, so the cut equals decoding that row with its own budget.
+    """
     pad = generation_config.pad_token_id
     device = model_device(model)
     width = max(len(p) for p in prompts)
@@ -162,6 +176,8 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], generation_config
         attention_mask[row, width - len(ids) :] = 1
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
 
+    if budgets is not None:
+        generation_config = _with_budget(generation_config, max(budgets))
     with _clock(device) as clock:
         with torch.inference_mode():
             out = model.generate(
@@ -171,16 +187,24 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], generation_config
                 return_dict_in_generate=True,
             )
     new = out.sequences[:, width:].tolist()
+    if budgets is not None:
+        new = [row[:b] for row, b in zip(new, budgets)]
     counts = [sum(1 for t in row if t != pad) for row in new]
     texts = [tokenizer.decode([t for t in row if t != pad], skip_special_tokens=True) for row in new]
     raw = dict(getattr(out, "stats", None) or getattr(model, "last_generation_stats", None) or {})
     stats = {name: raw.get(name, 0) for name in COUNTERS if name != "tokens"}
-    stats["generated_tokens"] = raw.get("generated_tokens", sum(counts))
+    # Counted from the rows returned (after any budget cut), so the samples add up to it.
+    stats["generated_tokens"] = sum(counts)
     stats["tokens"] = stats["generated_tokens"]
     stats["wall_seconds"] = clock.seconds
     stats["model_wall_seconds"] = raw.get("wall_seconds")
     stats["fast_path"] = fast_path_label(raw.get("fast_path"))
-    return BatchResult(texts, counts, stats)
+    eos = generation_config.eos_token_id
+    eos = set(eos) if isinstance(eos, (list, tuple)) else {eos}
+    ref_counts = reference_token_counts([len(p) for p in prompts], new, eos, generation_config.block_size,
+                                        budgets or [generation_config.max_new_tokens] * len(prompts))
+    stats["reference_tokens"] = sum(ref_counts)
+    return BatchResult(texts, counts, stats, ref_counts)
 
 
 def fast_path_label(reported) -> str | None:
@@ -199,17 +223,51 @@ def fast_path_label(reported) -> str | None:
     return label
 
 
-def loglikelihood_batch(model, contexts: list[list[int]], continuations: list[list[int]], batch_size: int):
-    """Summed log-probabilities of each continuation (one masked forward per pair) and counters."""
+def reference_token_counts(prompt_lengths: list[int], rows: list[list[int]], eos: set, block_size: int,
+                           budgets: list[int]) -> list[int]:
+    """Tokens per row as the reference model class counts them (`generated != mask`, after the prompt).
+
+    Its decoder returns a finished row through the end of the (absolute, block-aligned) block
+    holding EOS, post-EOS slots filled with pad, plus one pad token when other rows of the batch
+    decode on after that block; a row that never stops returns its whole budget.
+    """
+    stops = []
+    for length, row in zip(prompt_lengths, rows):
+        at = next((i for i, t in enumerate(row) if t in eos), None)
+        stops.append(None if at is None else ((length + at) // block_size + 1) * block_size - length)
+    last_block_end = [None if s is None else length + s for length, s in zip(prompt_lengths, stops)]
+    unfinished = any(s is None for s in stops)
+    batch_end = max((e for e in last_block_end if e is not None), default=0)
+    counts = []
+    for s, end, budget in zip(stops, last_block_end, budgets):
+        if s is None:
+            counts.append(budget)
+        else:
+            counts.append(s + (1 if len(stops) > 1 and (unfinished or end < batch_end) else 0))
+    return counts
+
+
+def _with_budget(generation_config, max_new_tokens: int):
+    import copy
+
+    config = copy.deepcopy(generation_config)
+    config.max_new_tokens = max_new_tokens
+    return config
+
+
+def loglikelihood_batch(model, contexts: list[list[int]], continuations: list[list[int]], batch_size: int, *,
+                        forward: str = "reference", eos_token_id: int | None = None, block_size: int | None = None):
+    """Log-probabilities of each continuation (one masked forward per pair, `forward` variant) and counters."""
     from dllm_generation.scoring import loglikelihood
 
     device = model_device(model)
     with _clock(device) as clock:
         with torch.inference_mode():
-            lls, raw = loglikelihood(model, contexts, continuations, batch_size=batch_size)
+            lls, raw = loglikelihood(model, contexts, continuations, batch_size=batch_size, forward=forward,
+                                     eos_token_id=eos_token_id, block_size=block_size)
     stats = {name: int(raw.get(name) or 0) for name in COUNTERS}
-    # Throughput counts every token the forwards processed (context + continuation).
-    stats["tokens"] = sum(len(c) + len(x) for c, x in zip(contexts, continuations))
+    # Throughput counts every token the forwards processed (context + continuation + any padding slots).
+    stats["tokens"] = int(raw.get("processed_tokens") or sum(len(c) + len(x) for c, x in zip(contexts, continuations)))
     stats["generated_tokens"] = 0
     stats["wall_seconds"] = clock.seconds
     stats["model_wall_seconds"] = raw.get("wall_seconds")

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 from ..config import (
     DEFAULT_REUSE_SIZE,
-    DIFFUSION_DEFAULTS,
     REUSE_MODES,
     SUBSETS,
     size_label,
@@ -22,24 +21,30 @@ from ..config import (
     validate_size,
     validate_threshold,
 )
+from .protocols import (
+    DEFAULT_PROTOCOL,
+    GOVERNED,
+    LOGLIKELIHOOD_FORWARDS,
+    LOGLIKELIHOOD_TASKS,
+    PROTOCOLS,
+    Protocol,
+    overridable,
+    settings_for,
+)
 
-TASKS = ("gsm8k", "math", "ifeval", "mmlu", "gpqa", "arith")
+TASKS = ("gsm8k", "math", "minerva_math", "ifeval", "mmlu", "gpqa", "arith")
 MMLU_MODES = ("loglikelihood", "generative")
 # GPU fast path of generate(): on = where it applies (CUDA graphs), off = plain path, compile = graphs + torch.compile.
 FAST_PATHS = ("on", "off", "graphs", "compile")
 FAST_PATH_VALUES = {"on": None, "off": False, "graphs": "graphs", "compile": "compile"}
-DTYPES = ("auto", "bfloat16", "float16", "float32")
+# reference = the reference's rule (bf16 on compute capability >= 8.0, fp16 on 7.x, fp32 off CUDA).
+DTYPES = ("reference", "auto", "bfloat16", "float16", "float32")
 
 DEFAULT_MODEL = "Efficient-Large-Model/Fast_dLLM_v2_7B"
 # Tasks whose default model is not the 7B checkpoint: `arith` runs on the shipped demo model.
 TASK_DEFAULT_MODEL = {"arith": "demo"}
-DEFAULT_MAX_NEW_TOKENS = 2048
-# Generation budgets that differ from the default: arith solutions are under 200 tokens.
-TASK_MAX_NEW_TOKENS = {"arith": 320}
-# Published Fast-dLLM v2 evaluation: few-shot counts per task (MMLU 5-shot from dev, the rest 0-shot).
-DEFAULT_NUM_FEWSHOT = {"gsm8k": 0, "math": 0, "ifeval": 0, "mmlu": 5, "gpqa": 0, "arith": 0}
-# Tasks whose prompts know how to show worked examples.
-FEWSHOT_TASKS = ("gsm8k", "mmlu")
+# Tasks whose prompts know how to show worked examples (lm-eval's first_n dev rows per subject).
+FEWSHOT_TASKS = ("mmlu",)
 
 
 class InvalidOptionError(ValueError):
@@ -51,9 +56,10 @@ class EvalOptions:
     """One evaluation run: task, model, layer reuse, decoding, data source and output place."""
 
     task: str
+    protocol: str = DEFAULT_PROTOCOL
     model: str | None = None  # None = the task's default (TASK_DEFAULT_MODEL, else DEFAULT_MODEL)
     tokenizer: str | None = None
-    dtype: str = "auto"
+    dtype: str | None = None
     device: str | None = None
     mask_token_id: int | None = None
     # layer reuse (the library's LayerReuseConfig defaults; size: a count, or a share of the layers)
@@ -62,18 +68,19 @@ class EvalOptions:
     size: int | float = DEFAULT_REUSE_SIZE
     layers: list[int] | None = None
     mode: str = REUSE_MODES[0]
-    # decoding (the library's GenerationConfig defaults = Fast-dLLM v2's)
-    block_size: int = DIFFUSION_DEFAULTS["block_size"]
-    small_block_size: int = DIFFUSION_DEFAULTS["small_block_size"]
-    threshold: float = DIFFUSION_DEFAULTS["threshold"]
-    use_block_cache: bool = DIFFUSION_DEFAULTS["use_block_cache"]
+    # decoding; None = the protocol's value (see protocols.py)
+    block_size: int | None = None
+    small_block_size: int | None = None
+    threshold: float | None = None
+    use_block_cache: bool | None = None
     fast_path: str = "on"
-    max_new_tokens: int | None = None  # None = the task's budget (TASK_MAX_NEW_TOKENS, else 2048)
-    batch_size: int = 8
+    max_new_tokens: int | None = None
+    batch_size: int | None = None
+    loglikelihood_forward: str | None = None
     # prompts and data
-    chat_template: bool = True
+    chat_template: bool | None = None
     num_fewshot: int | None = None
-    mmlu_mode: str = "loglikelihood"
+    mmlu_mode: str | None = None
     limit: int | None = None
     seed: int = 0
     data_files: list[str] | None = None
@@ -90,18 +97,53 @@ class EvalOptions:
     def __post_init__(self):
         if self.model is None:
             self.model = TASK_DEFAULT_MODEL.get(self.task, DEFAULT_MODEL)
-        if self.max_new_tokens is None:
-            self.max_new_tokens = TASK_MAX_NEW_TOKENS.get(self.task, DEFAULT_MAX_NEW_TOKENS)
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> "EvalOptions":
-        """Raise InvalidOptionError naming the first bad field and its allowed values."""
+        """The options with the protocol's settings filled in; raise InvalidOptionError naming the first
+        bad field and its allowed values, or the flag that contradicts the protocol."""
+        _choice("protocol", self.protocol, PROTOCOLS)
         _choice("task", self.task, TASKS)
+        self._check_protocol()
+        out = self.resolved()
+        out._validate_values()
+        return out
+
+    def resolved(self) -> "EvalOptions":
+        """A copy with every protocol-governed field that is None set to the protocol's value."""
+        if self.protocol not in PROTOCOLS or self.task not in TASKS:
+            return self
+        wanted = settings_for(self.protocol, self.task).as_dict()
+        fill = {name: value for name, value in wanted.items() if getattr(self, name) is None}
+        return dataclasses.replace(self, **fill) if fill else self
+
+    def overrides(self) -> dict:
+        """Governed settings this run sets differently from its protocol (only `overridable` ones, or any under custom)."""
+        wanted = settings_for(self.protocol, self.task).as_dict()
+        return {name: getattr(self, name) for name in GOVERNED
+                if getattr(self, name) is not None and getattr(self, name) != wanted[name]}
+
+    def _check_protocol(self) -> None:
+        if self.protocol == Protocol.CUSTOM.value:
+            return
+        allowed = overridable(self.task)
+        for name, value in self.overrides().items():
+            if name in allowed:
+                continue
+            wanted = settings_for(self.protocol, self.task).as_dict()[name]
+            flag = "--" + name.replace("_", "-")
+            raise InvalidOptionError(
+                f"{flag}={value!r} contradicts --protocol {self.protocol} ({name}={wanted!r} for {self.task}); "
+                f"drop {flag}, or use --protocol custom (allowed overrides: {', '.join(allowed)})"
+            )
+
+    def _validate_values(self) -> None:
         _choice("subset", self.subset, SUBSETS)
         _choice("mode", self.mode, REUSE_MODES)
         _choice("mmlu_mode", self.mmlu_mode, MMLU_MODES)
         _choice("dtype", self.dtype, DTYPES)
         _choice("fast_path", self.fast_path, FAST_PATHS)
+        _choice("loglikelihood_forward", self.loglikelihood_forward, LOGLIKELIHOOD_FORWARDS)
         _at_least("k", self.k, 1)
         _at_least("max_new_tokens", self.max_new_tokens, 1)
         _at_least("batch_size", self.batch_size, 1)
@@ -117,56 +159,61 @@ class EvalOptions:
         except ValueError as err:
             raise InvalidOptionError(str(err)) from None
         _writable_folder("output_dir", self.output_dir)
-        if self.num_fewshot is not None:
-            _at_least("num_fewshot", self.num_fewshot, 0)
-            if self.num_fewshot > 0 and self.task not in FEWSHOT_TASKS:
-                raise InvalidOptionError(
-                    f"num_fewshot={self.num_fewshot} is not supported for task {self.task!r} "
-                    f"(allowed: 0; few-shot prompts exist for {', '.join(FEWSHOT_TASKS)})"
-                )
+        _at_least("num_fewshot", self.num_fewshot, 0)
+        if self.num_fewshot > 0 and self.task not in FEWSHOT_TASKS:
+            raise InvalidOptionError(
+                f"num_fewshot={self.num_fewshot} is not supported for task {self.task!r} "
+                f"(allowed: 0; few-shot prompts exist for {', '.join(FEWSHOT_TASKS)})"
+            )
         if self.mmlu_mode != "loglikelihood" and self.task != "mmlu":
             raise InvalidOptionError(f"mmlu_mode={self.mmlu_mode!r} only applies to task 'mmlu'")
         for name in ("data_files", "fewshot_files"):
             for path in getattr(self, name) or []:
                 if not os.path.exists(path):
                     raise InvalidOptionError(f"{name}: {path!r} does not exist (allowed: existing files or folders)")
-        return self
 
     # ------------------------------------------------------------------ derived
     @property
     def fewshot(self) -> int:
-        """Number of worked examples in each prompt (the task default unless set)."""
-        return DEFAULT_NUM_FEWSHOT[self.task] if self.num_fewshot is None else self.num_fewshot
+        """Number of worked examples in each prompt (the protocol's unless set)."""
+        return self.resolved().num_fewshot
 
     @property
     def uses_loglikelihood(self) -> bool:
-        return self.task == "mmlu" and self.mmlu_mode == "loglikelihood"
+        if self.task in LOGLIKELIHOOD_TASKS:
+            return not (self.task == "mmlu" and self.resolved().mmlu_mode == "generative")
+        return False
 
     def config_name(self) -> str:
-        """Folder name of this configuration: reuse settings plus every non-default decoding knob."""
+        """Folder name of this configuration: reuse settings plus every setting that differs from the protocol."""
         if self.run_name:
             return self.run_name
+        me = self.resolved()
         where = "layers" + "-".join(str(i) for i in self.layers) if self.layers else f"{self.subset}{size_label(self.size)}"
         parts = [f"k{self.k}", where, self.mode]
-        defaults = EvalOptions(task=self.task)
-        if (self.block_size, self.small_block_size) != (defaults.block_size, defaults.small_block_size):
-            parts.append(f"b{self.block_size}s{self.small_block_size}")
-        if self.threshold != defaults.threshold:
-            parts.append(f"t{self.threshold:g}")
-        if not self.use_block_cache:
-            parts.append("nocache")
-        if self.fast_path != defaults.fast_path:  # bf16 rounding differs between paths
-            parts.append(f"fast{self.fast_path}")
-        if self.max_new_tokens != defaults.max_new_tokens:
-            parts.append(f"n{self.max_new_tokens}")
-        if not self.chat_template:
-            parts.append("nochat")
-        if self.num_fewshot is not None and self.num_fewshot != DEFAULT_NUM_FEWSHOT[self.task]:
-            parts.append(f"{self.num_fewshot}shot")
-        if self.task == "mmlu" and self.mmlu_mode == "generative":
+        if self.protocol != DEFAULT_PROTOCOL:
+            parts.append(self.protocol)
+        defaults = EvalOptions(task=self.task, protocol=self.protocol).resolved()
+        if (me.block_size, me.small_block_size) != (defaults.block_size, defaults.small_block_size):
+            parts.append(f"b{me.block_size}s{me.small_block_size}")
+        if me.threshold != defaults.threshold:
+            parts.append(f"t{me.threshold:g}")
+        if me.use_block_cache != defaults.use_block_cache:
+            parts.append("cache" if me.use_block_cache else "nocache")
+        if me.fast_path != defaults.fast_path:  # bf16 rounding differs between paths
+            parts.append(f"fast{me.fast_path}")
+        if me.max_new_tokens != defaults.max_new_tokens:
+            parts.append(f"n{me.max_new_tokens}")
+        if me.chat_template != defaults.chat_template:
+            parts.append("chat" if me.chat_template else "nochat")
+        if me.num_fewshot != defaults.num_fewshot:
+            parts.append(f"{me.num_fewshot}shot")
+        if me.mmlu_mode != defaults.mmlu_mode:
             parts.append("gen")
-        if self.dtype != defaults.dtype:
-            parts.append(self.dtype)
+        if me.loglikelihood_forward != defaults.loglikelihood_forward:
+            parts.append(me.loglikelihood_forward)
+        if me.dtype != defaults.dtype:
+            parts.append(me.dtype)
         if self.seed != defaults.seed:
             parts.append(f"seed{self.seed}")
         return "_".join(parts)
@@ -177,12 +224,14 @@ class EvalOptions:
         Row count (`limit`), batch size, device and bookkeeping flags are left out: a larger
         --limit extends a run, and greedy decoding does not depend on them.
         """
-        keep = ("task", "model", "tokenizer", "dtype", "mask_token_id", "k", "subset", "size", "layers", "mode",
-                "block_size", "small_block_size", "threshold", "use_block_cache", "fast_path", "max_new_tokens",
-                "chat_template", "mmlu_mode", "seed", "data_files", "fewshot_files", "dataset",
-                "dataset_config", "split")
-        out = {name: getattr(self, name) for name in keep}
-        out["num_fewshot"] = self.fewshot
+        keep = ("task", "protocol", "model", "tokenizer", "dtype", "mask_token_id", "k", "subset", "size", "layers",
+                "mode", "block_size", "small_block_size", "threshold", "use_block_cache", "fast_path",
+                "max_new_tokens", "chat_template", "mmlu_mode", "loglikelihood_forward", "seed", "data_files",
+                "fewshot_files", "dataset", "dataset_config", "split")
+        me = self.resolved()
+        out = {name: getattr(me, name) for name in keep}
+        out["num_fewshot"] = me.num_fewshot
+
         for name in ("model", "tokenizer"):
             if out[name] and os.path.exists(out[name]):
                 out[name] = os.path.abspath(out[name])

@@ -1,116 +1,121 @@
-"""What the model is asked, per task, as chat turns and as plain text.
+"""What the model is asked, per task: lm-evaluation-harness 0.4.9's task formats, as chat turns and plain text.
 
-Every prompt is built once as chat messages (few-shot examples as earlier user/assistant turns,
-as lm-eval's `--fewshot_as_multiturn`) and once as plain text, so `--no-chat-template` changes
-the rendering only, not the content. Rendering to token ids needs the tokenizer and lives here
-too, so the runner never formats text itself.
+Each prompt is what lm-eval renders for the task named in `protocols.LM_EVAL_TASK` under
+`--apply_chat_template --fewshot_as_multiturn`: the task `description` becomes the system message
+(replacing the template's default one), few-shot rows become earlier user/assistant turns, and
+the question is the last user turn. Without the chat template the same pieces are joined as
+lm-eval joins them (description, then `text target\\n\\n` per shot, then the question).
+
+The reference model class then edits the rendered text (`protocols.reference_rewrite`): for GSM8K
+and the MATH tasks, "Answer:" / "Solution:" become the boxed-answer instruction, quirks included.
+Rendering and tokenising live here too, so the runner never formats text itself.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from .data import LETTERS
-BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+from .protocols import LM_EVAL_TASK, reference_rewrite
+
 MMLU_INSTRUCTION = "Answer with the letter of the correct option, in the form 'Answer: X'."
-GPQA_INSTRUCTION = (
-    "Answer the following multiple choice question. The last line of your response should be of the "
-    "following format: 'Answer: $LETTER' (without quotes) where LETTER is one of ABCD. "
-    "Think step by step before answering."
+GPQA_DESCRIPTION = (
+    "Here are some example questions from experts. Answer the final question yourself, following the format "
+    "of the previous questions exactly.\n"
 )
+# lm-eval's defaults for the pieces between few-shot examples.
+TARGET_DELIMITER = " "
+FEWSHOT_DELIMITER = "\n\n"
 
 
 @dataclass
 class Prompt:
     messages: list[dict]
     plain: str
+    task: str  # the lm-eval task name the rewrite keys on
 
 
 def build_prompt(task: str, doc: dict, fewshot: dict, *, mmlu_mode: str = "loglikelihood") -> Prompt:
     """The prompt for one row; `fewshot` is the pool from `data.TaskData.fewshot`."""
+    name = LM_EVAL_TASK[task]
     if task == "gsm8k":
-        return _gsm8k(doc, fewshot.get("", []))
-    if task == "math":
-        return _single_turn(f"{doc['problem']}\n{BOXED_INSTRUCTION}")
+        return _single(f"Question: {doc['question']}\nAnswer:", name)
+    if task in ("math", "minerva_math"):
+        return _single(f"Problem:\n{doc['problem']}\n\nSolution:", name)
     if task == "ifeval":
-        return _single_turn(doc["prompt"])
-    if task == "mmlu":
-        return _mmlu(doc, fewshot.get(doc["subject"], []), generative=mmlu_mode == "generative")
+        return _single(doc["prompt"], name)
     if task == "arith":
-        return _single_turn(doc["question"])  # as the demo model was trained: the question alone
+        return _single(doc["question"], name)  # as the demo model was trained: the question alone
+    if task == "mmlu":
+        shots = fewshot.get(doc["subject"], [])
+        generative = mmlu_mode == "generative"
+        examples = [(mmlu_text(s, generative), (f"Answer: {s['answer_letter']}" if generative else s["answer_letter"]))
+                    for s in shots]
+        return _with_description(mmlu_description(doc["subject"]), examples, mmlu_text(doc, generative), name)
     if task == "gpqa":
-        return _single_turn(f"{GPQA_INSTRUCTION}\n\n{doc['question']}\n\n{_options(doc['choices'], ') ')}")
+        return _with_description(GPQA_DESCRIPTION, [], gpqa_text(doc), name)
     raise ValueError(f"unknown task {task!r}")
 
 
-def mmlu_continuations(chat_template: bool) -> list[str]:
-    """The four scored answers: the assistant turn starts fresh in chat, after 'Answer:' in plain text."""
-    return list(LETTERS) if chat_template else [" " + letter for letter in LETTERS]
+def continuations(task: str, chat_template: bool) -> list[str]:
+    """The scored answers of a loglikelihood task: lm-eval drops the target delimiter under a chat template."""
+    choices = list(LETTERS) if task == "mmlu" else [f"({letter})" for letter in LETTERS]
+    return choices if chat_template else [TARGET_DELIMITER + c for c in choices]
 
 
-def render_prompt(tokenizer, prompt: Prompt, *, chat_template: bool) -> list[int]:
-    """Token ids of the prompt, with the chat template's assistant header when `chat_template`."""
+def render_text(tokenizer, prompt: Prompt, *, chat_template: bool) -> str:
+    """The prompt text the model reads: chat-rendered (or plain), then the reference's rewrite."""
     if chat_template:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError(
-                "chat_template is on but the tokenizer has no chat template; pass --no-chat-template "
-                "or a tokenizer folder that has one (--tokenizer)"
+                "chat_template is on but the tokenizer has no chat template; use a protocol without it "
+                "(--protocol custom --no-chat-template) or a tokenizer folder that has one (--tokenizer)"
             )
         text = tokenizer.apply_chat_template(prompt.messages, add_generation_prompt=True, tokenize=False)
     else:
         text = prompt.plain
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return reference_rewrite(prompt.task, text)
 
 
-# ---------------------------------------------------------------------------- tasks
-def _single_turn(text: str) -> Prompt:
-    return Prompt([{"role": "user", "content": text}], text + "\n")
+def render_prompt(tokenizer, prompt: Prompt, *, chat_template: bool) -> list[int]:
+    """Token ids of the prompt, tokenised as the reference model class does (the tokenizer's defaults)."""
+    return tokenizer(render_text(tokenizer, prompt, chat_template=chat_template))["input_ids"]
 
 
-def _gsm8k(doc: dict, shots: list[dict]) -> Prompt:
-    messages, plain = [], []
-    for shot in shots:
-        question = f"{shot['question']}\n{BOXED_INSTRUCTION}"
-        answer = gsm8k_worked_answer(shot["answer"])
-        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-        plain.append(f"Question: {question}\nAnswer: {answer}\n\n")
-    question = f"{doc['question']}\n{BOXED_INSTRUCTION}"
-    messages.append({"role": "user", "content": question})
-    plain.append(f"Question: {question}\nAnswer:")
-    return Prompt(messages, "".join(plain))
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """The reference's split: tokenise context + continuation whole, the continuation is what follows
+    the context's own token count."""
+    whole = tokenizer(context + continuation)["input_ids"]
+    context_ids = tokenizer(context)["input_ids"]
+    return context_ids, whole[len(context_ids):]
 
 
-def gsm8k_worked_answer(answer: str) -> str:
-    """A GSM8K training answer as a worked solution: calculator tags dropped, `#### x` boxed."""
-    body, _, final = answer.partition("####")
-    body = re.sub(r"<<[^>]*>>", "", body).strip()
-    return f"{body}\nThe final answer is \\boxed{{{final.strip()}}}."
+# ---------------------------------------------------------------------------- task texts
+def mmlu_description(subject: str) -> str:
+    return f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
 
 
-def _options(choices: list[str], sep: str) -> str:
-    return "\n".join(f"{letter}{sep}{choice}" for letter, choice in zip(LETTERS, choices))
-
-
-def _mmlu_question(doc: dict, generative: bool) -> str:
-    text = f"{doc['question'].strip()}\n{_options(doc['choices'], '. ')}\n"
+def mmlu_text(doc: dict, generative: bool = False) -> str:
+    c = doc["choices"]
+    text = f"{doc['question'].strip()}\nA. {c[0]}\nB. {c[1]}\nC. {c[2]}\nD. {c[3]}\n"
     return text + (f"{MMLU_INSTRUCTION}\nAnswer:" if generative else "Answer:")
 
 
-def _mmlu(doc: dict, shots: list[dict], *, generative: bool) -> Prompt:
-    """lm-eval's MMLU format: subject header, question, A-D options, 'Answer:'."""
-    subject = doc["subject"].replace("_", " ")
-    header = f"The following are multiple choice questions (with answers) about {subject}.\n\n"
-    messages, plain = [], [header]
-    for i, shot in enumerate(shots):
-        question = _mmlu_question(shot, generative)
-        reply = f"Answer: {shot['answer_letter']}" if generative else shot["answer_letter"]
-        messages += [
-            {"role": "user", "content": (header if i == 0 else "") + question},
-            {"role": "assistant", "content": reply},
-        ]
-        plain.append(f"{question} {shot['answer_letter']}\n\n")
-    question = _mmlu_question(doc, generative)
-    messages.append({"role": "user", "content": (header if not shots else "") + question})
+def gpqa_text(doc: dict) -> str:
+    c = doc["choices"]
+    return f"Question: {doc['Question']}\nChoices:\n(A) {c[0]}\n(B) {c[1]}\n(C) {c[2]}\n(D) {c[3]}\nAnswer:"
+
+
+def _single(text: str, name: str) -> Prompt:
+    return Prompt([{"role": "user", "content": text}], text, name)
+
+
+def _with_description(description: str, examples: list[tuple[str, str]], question: str, name: str) -> Prompt:
+    messages = [{"role": "system", "content": description}]
+    plain = [description]
+    for text, target in examples:
+        messages += [{"role": "user", "content": text}, {"role": "assistant", "content": target}]
+        plain.append(f"{text}{TARGET_DELIMITER}{target}{FEWSHOT_DELIMITER}")
+    messages.append({"role": "user", "content": question})
     plain.append(question)
-    return Prompt(messages, "".join(plain))
+    return Prompt(messages, "".join(plain), name)

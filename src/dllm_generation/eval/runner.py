@@ -35,8 +35,10 @@ from .model_calls import (
     reuse_config,
 )
 from .options import EvalOptions, InvalidOptionError
-from .prompts import build_prompt, mmlu_continuations, render_prompt
+from .prompts import build_prompt, continuations, encode_pair, render_text
+from .protocols import LM_EVAL_TASK, OWN_TASKS, Protocol, reference_budget, settings_for
 from .provenance import environment, machine_load
+from .summary_stats import group_metrics, metric_stderrs
 from .throughput import summarize_throughput
 
 logger = logging.getLogger(__name__)
@@ -73,6 +75,12 @@ def metrics_task(options: EvalOptions) -> str:
     return "mmlu_generative" if options.task == "mmlu" else options.task
 
 
+def follows_reference(options: EvalOptions) -> bool:
+    """fork/paper runs batch, budget and order rows as the reference model class does; this
+    project's own tasks (arith) have no reference, so they decode with their plain budget."""
+    return options.protocol != Protocol.CUSTOM.value and options.task not in OWN_TASKS
+
+
 def run_eval(
     options: EvalOptions,
     *,
@@ -88,7 +96,8 @@ def run_eval(
     `model`/`tokenizer` let a grid load once; otherwise `loader(options, device)` is called,
     and only if some row is still unfinished.
     """
-    options.validate()
+    started = time.perf_counter()
+    options = options.validate()
     check_device(options)
     ctx = context or process_context()
     scorer = scorer or MetricsScorer()
@@ -154,7 +163,7 @@ def run_eval(
 
     if ctx.is_main:
         summary = _finalize(options, data, files, scorer, model, device or _choose_device(options, ctx), warmup,
-                            load_before=load)
+                            load_before=load, started=started)
     ctx.barrier()
     if not ctx.is_main:
         summary = artifacts.read_json(files.summary)
@@ -189,15 +198,26 @@ class _Evaluator:
         self.index = {ex.id: i for i, ex in enumerate(data.examples)}
         self.generation_config = None if options.uses_loglikelihood else build_generation_config(options, tokenizer)
 
-    def _prompt_ids(self, ex: Example) -> list[int]:
+    def _prompt_text(self, ex: Example) -> str:
         prompt = build_prompt(self.options.task, ex.doc, self.data.fewshot, mmlu_mode=self.options.mmlu_mode)
-        return render_prompt(self.tokenizer, prompt, chat_template=self.options.chat_template)
+        return render_text(self.tokenizer, prompt, chat_template=self.options.chat_template)
+
+    def _prompt_ids(self, ex: Example) -> list[int]:
+        return self.tokenizer(self._prompt_text(ex))["input_ids"]
+
+    def _budgets(self, prompts: list[list[int]]) -> list[int] | None:
+        """The reference's per-row budgets (block-aligned on the batch's longest prompt), or None (custom)."""
+        if not follows_reference(self.options):
+            return None
+        longest = max(len(p) for p in prompts)
+        return [reference_budget(longest, self.options.max_new_tokens, self.options.block_size) + longest - len(p)
+                for p in prompts]
 
     def warm_up(self, rows: list[Example]) -> dict:
         """One small batch through the same code path, its time and counters discarded."""
         start = time.perf_counter()
         if self.options.uses_loglikelihood:
-            self._loglikelihood(rows)
+            self._loglikelihood(rows[:1])
             extra = {}
         else:
             cfg = copy.deepcopy(self.generation_config)
@@ -211,16 +231,21 @@ class _Evaluator:
         from tqdm.auto import tqdm
 
         size = self.options.batch_size
+        if follows_reference(self.options) and not self.options.uses_loglikelihood:
+            # The reference sorts its requests by prompt length (characters) before batching.
+            rows = sorted(rows, key=lambda ex: len(self._prompt_text(ex)))
         # A context manager, so an error or Ctrl-C closes the bar and its message starts a clean line.
         with tqdm(total=len(rows), desc=f"{self.options.task}/{self.options.config_name()}", unit="prompt",
                   disable=not progress) as bar:
             for start in range(0, len(rows), size):
                 batch = rows[start : start + size]
+                began = time.perf_counter()
                 if self.options.uses_loglikelihood:
                     records, stats = self._loglikelihood(batch)
                 else:
                     records, stats = self._generate(batch)
-                stats.update(rank=self.rank, size=len(batch), first_id=batch[0].id, ids=[ex.id for ex in batch])
+                stats.update(rank=self.rank, size=len(batch), first_id=batch[0].id, ids=[ex.id for ex in batch],
+                             loop_seconds=time.perf_counter() - began - stats.pop("scoring_seconds", 0.0))
                 files.append(records, stats)
                 bar.update(len(batch))
                 if stats.get("wall_seconds"):
@@ -228,9 +253,10 @@ class _Evaluator:
 
     def _generate(self, batch: list[Example]):
         prompts = [self._prompt_ids(ex) for ex in batch]
-        result = generate_batch(self.model, self.tokenizer, prompts, self.generation_config)
+        result = generate_batch(self.model, self.tokenizer, prompts, self.generation_config, self._budgets(prompts))
         task = metrics_task(self.options)
         records = []
+        scoring_started = time.perf_counter()
         for ex, ids, text, count in zip(batch, prompts, result.texts, result.token_counts):
             scored = self.scorer.score(task, text, ex.doc)
             records.append(
@@ -246,22 +272,28 @@ class _Evaluator:
                     "generated_tokens": count,
                 }
             )
-        return records, result.stats
+        stats = dict(result.stats, scoring_seconds=time.perf_counter() - scoring_started)
+        return records, stats
 
     def _loglikelihood(self, batch: list[Example]):
-        """MMLU: the choice with the highest summed log-probability is the prediction."""
-        conts = [self.tokenizer(c, add_special_tokens=False)["input_ids"]
-                 for c in mmlu_continuations(self.options.chat_template)]
-        contexts, continuations = [], []
-        prompts = [self._prompt_ids(ex) for ex in batch]
-        for ids in prompts:
-            for cont in conts:
-                contexts.append(ids)
-                continuations.append(cont)
-        lls, stats = loglikelihood_batch(self.model, contexts, continuations, self.options.batch_size)
+        """MMLU / GPQA: the choice with the highest loglikelihood is the prediction (lm-eval's `acc`:
+        the first of equal maxima). Requests are built as lm-eval builds them; each (context,
+        choice) pair is tokenised as the reference model class does."""
+        choices = continuations(self.options.task, self.options.chat_template)
+        contexts, conts, prompts = [], [], []
+        for ex in batch:
+            text = self._prompt_text(ex)
+            for choice in choices:
+                context_ids, cont_ids = encode_pair(self.tokenizer, text, choice)
+                contexts.append(context_ids)
+                conts.append(cont_ids)
+            prompts.append(contexts[-1])
+        lls, stats = loglikelihood_batch(self.model, contexts, conts, self.options.batch_size,
+                                         forward=self.options.loglikelihood_forward,
+                                         eos_token_id=self.tokenizer.eos_token_id, block_size=self.options.block_size)
         records = []
         for row, (ex, ids) in enumerate(zip(batch, prompts)):
-            scores = lls[row * len(conts) : (row + 1) * len(conts)]
+            scores = lls[row * len(choices) : (row + 1) * len(choices)]
             choice = max(range(len(scores)), key=scores.__getitem__)
             correct = choice == ex.doc["answer"]
             records.append(
@@ -281,7 +313,8 @@ class _Evaluator:
 
 
 # ---------------------------------------------------------------------------- summary
-def _finalize(options, data, files: RunFiles, scorer, model, device, warmup, *, load_before=None) -> dict:
+def _finalize(options, data, files: RunFiles, scorer, model, device, warmup, *, started: float,
+              load_before=None) -> dict:
     wanted = {ex.id for ex in data.examples}
     finished = sorted(files.finished_samples(), key=lambda r: r["index"])
     samples = [r for r in finished if r["id"] in wanted]
@@ -297,28 +330,44 @@ def _finalize(options, data, files: RunFiles, scorer, model, device, warmup, *, 
 
     metric_dicts = [s["metrics"] for s in samples]
     if options.uses_loglikelihood:
+        names = ["accuracy"]
         metrics = {"accuracy": sum(m["accuracy"] for m in metric_dicts) / max(len(metric_dicts), 1)}
         primary = "accuracy"
     else:
+        names = list(scorer.module.METRIC_NAMES[metrics_task(options)])
         metrics = scorer.aggregate(metrics_task(options), metric_dicts)
         primary = scorer.primary(metrics_task(options))
+    metrics.update(metric_stderrs(metric_dicts, names))
+    groups = _groups(options, samples, data, primary)
     if options.task == "mmlu":
-        metrics["accuracy_by_subject"] = _by_subject(samples, data)
+        metrics["accuracy_by_subject"] = {name: g["score"] for name, g in groups["subjects"].items()}
     token_kind = "scored (context + continuation)" if options.uses_loglikelihood else "generated (non-pad)"
     env = environment(device, load_before=load_before)
+    throughput = summarize_throughput(batches, token_kind=token_kind, warmup=warmup)
+    throughput["end_to_end_seconds"] = round(time.perf_counter() - started, 6)
+    throughput["end_to_end_timing"] = ("main process, from the start of run_eval to the summary (data, model load, "
+                                       "warm-up, decoding, scoring, files); this invocation only, not earlier "
+                                       "resumed parts")
     summary = {
         "task": options.task,
+        "protocol": {"name": options.protocol, "settings": settings_for(options.protocol, options.task).as_dict(),
+                     "source": settings_for(options.protocol, options.task).source,
+                     "overrides": options.overrides()},
         "config": options.config_name(),
         "primary_metric": primary,
         "accuracy": metrics.get(primary),
+        "accuracy_stderr": metrics.get(f"{primary}_stderr"),
         "metrics": metrics,
+        "groups": groups,
         "counts": {"samples": len(samples), "correct": sum(1 for s in samples if s["correct"])},
-        "throughput": summarize_throughput(batches, token_kind=token_kind, warmup=warmup),
+        "throughput": throughput,
         "model": _model_info(options, model, device),
         "generation": _generation_info(options, model, batches),
         "prompting": {
             "chat_template": options.chat_template,
+            "fewshot_as_multiturn": True,
             "num_fewshot": options.fewshot,
+            "lm_eval_task": LM_EVAL_TASK[options.task],
             "mmlu_mode": options.mmlu_mode if options.task == "mmlu" else None,
         },
         "dataset": data.source,
@@ -333,14 +382,21 @@ def _finalize(options, data, files: RunFiles, scorer, model, device, warmup, *, 
     return summary
 
 
-def _by_subject(samples: list[dict], data) -> dict:
-    subject_of = {ex.id: ex.doc["subject"] for ex in data.examples}
-    totals: dict[str, list[int]] = {}
+def _groups(options, samples: list[dict], data, primary: str) -> dict:
+    """Per-subject scores and lm-eval's groups above them (MMLU categories, MATH subjects); {} otherwise."""
+    if options.task == "mmlu":
+        key = "subject"
+    elif options.task in ("math", "minerva_math"):
+        key = None
+    else:
+        return {}
+    from .data import math_subject
+
+    subject_of = {ex.id: (ex.doc[key] if key else math_subject(ex.doc)) for ex in data.examples}
+    values: dict[str, list[float]] = {}
     for s in samples:
-        t = totals.setdefault(subject_of[s["id"]], [0, 0])
-        t[0] += int(s["correct"])
-        t[1] += 1
-    return {subject: right / n for subject, (right, n) in sorted(totals.items())}
+        values.setdefault(subject_of[s["id"]], []).append(float(s["metrics"][primary]))
+    return group_metrics(options.task, values)
 
 
 def _model_info(options, model, device) -> dict:
@@ -371,6 +427,7 @@ def _generation_info(options, model, batches: list[dict]) -> dict:
         "use_block_cache": options.use_block_cache,
         "fast_path": fast_path_ran(batches),
         "fast_path_requested": options.fast_path,
+        "loglikelihood_forward": options.loglikelihood_forward if options.uses_loglikelihood else None,
         "do_sample": False,
         "batch_size": options.batch_size,
     }

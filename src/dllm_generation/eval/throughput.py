@@ -1,8 +1,13 @@
-"""Throughput of a run from its per-batch counters (warm-up never among them).
+"""Throughput of a run from its per-batch counters (warm-up never among them), in two conventions.
 
-`tokens_per_second` is per device: all tokens over the summed model-call seconds of every
-process, so 1 GPU and 4 GPUs give comparable numbers. `aggregate_tokens_per_second` divides by
-the busiest process's seconds instead, i.e. what the whole launch delivered.
+Ours: `tokens_per_second` is per device: generated non-pad tokens over the summed model-call
+seconds (device synchronised) of every process, so 1 GPU and 4 GPUs give comparable numbers.
+`aggregate_tokens_per_second` divides by the busiest process's seconds instead.
+
+The reference's (`reference`, the fork's `summary.json` fields `tokens_generated`, `total_time_s`,
+`tokens_per_s`): tokens counted as its model class counts them (through the end of the EOS block,
+post-EOS padding included) over the seconds of the whole generate loop (tokenising, decoding and
+detokenising included, scoring and file writes excluded). Loglikelihood tasks have none there.
 """
 
 from __future__ import annotations
@@ -36,8 +41,23 @@ def summarize_throughput(batches: list[dict], *, token_kind: str, warmup: dict |
         "aggregate_tokens_per_second": _ratio(totals["tokens"], busiest),
         "timing": "model-call wall clock only (device synchronised); tokenisation, scoring and file I/O excluded",
         "warmup": warmup or {"batches": 0},
+        "fast_path_ran": sorted({str(b["fast_path"]) for b in batches if b.get("fast_path") is not None}),
+        "reference": _reference_convention(batches),
     }
     return out
+
+
+def _reference_convention(batches: list[dict]) -> dict:
+    if not batches or any(b.get("reference_tokens") is None for b in batches):
+        return {}
+    tokens = sum(int(b["reference_tokens"]) for b in batches)
+    seconds = sum(float(b.get("loop_seconds") or 0.0) for b in batches)
+    return {
+        "tokens_generated": tokens,
+        "total_time_s": round(seconds, 2),
+        "tokens_per_s": round(tokens / seconds, 2) if seconds else None,
+        "timing": "whole generate loop per batch (tokenise, decode, detokenise), summed over batches and processes",
+    }
 
 
 def _ratio(num: float, den: float) -> float | None:

@@ -1,33 +1,23 @@
-"""MATH / MATH-500 answer equivalence through math-verify.
+"""MATH / MATH-500 scoring as lm-evaluation-harness 0.4.9's ``minerva_math*`` tasks do it.
 
-Deciding whether ``\\frac{1}{2}`` and ``0.5`` (or ``3\\sqrt 2`` and
-``\\sqrt{18}``) are the same answer needs a LaTeX parser and a CAS; math-verify
-(the library lm-eval's ``minerva_math`` uses for its ``math_verify`` metric)
-does both, so nothing here compares answers by hand.
+lm-eval's ``math_verify`` metric is ``verify(gold=parse(doc["solution"]), target=parse(output))``:
+math-verify reads the answer out of the gold *solution* and out of the *whole* output itself
+(last ``\\boxed{}``, Minerva's "Final Answer: The final answer is ...", or the last expression it
+finds), with its default parse/verify timeouts. Nothing is extracted by hand here, so an output
+scores exactly as it does there (``\\fbox{7}`` and an output with two different boxes included).
 
-The predicted answer is the last ``\\boxed{}``; failing that, Minerva's
-``Final Answer: The final answer is X. I hope it is correct.``; failing that,
-whatever math-verify itself finds in the whole text (what lm-eval does).
-
-math-verify bounds parsing and comparison with ``signal.alarm``, which only
-works in the main thread; elsewhere the timeout is switched off (math-verify
-would raise instead), so callers in worker threads lose the hang guard.
+A row without a ``solution`` (a user's file with only ``answer``) is scored against
+``$\\boxed{answer}$``. math-verify bounds parsing with ``signal.alarm``, which only works in the
+main thread; elsewhere the timeout is switched off (math-verify would raise instead).
 """
 
 from __future__ import annotations
 
-import re
 import threading
-
-from .boxed import last_boxed_content
 
 METRIC_NAMES = ("math_verify",)
 PRIMARY_METRIC = "math_verify"
-TIMEOUT_SECONDS = 5
-
-_MINERVA_FINAL = re.compile(
-    r"Final Answer: The final answer is\s*(.*?)\.?\s*(?:I hope it is correct|$)", re.DOTALL
-)
+TIMEOUT_SECONDS = 5  # math-verify's default for parse and verify, as lm-eval calls them
 
 
 def _timeout() -> int | None:
@@ -35,65 +25,25 @@ def _timeout() -> int | None:
     return TIMEOUT_SECONDS if threading.current_thread() is threading.main_thread() else None
 
 
-def extract_answer(text: str) -> str | None:
-    """The final answer as written: last ``\\boxed{}``, else Minerva's sentence, else None."""
-    boxed = last_boxed_content(text)
-    if boxed is not None:
-        return boxed
-    finals = _MINERVA_FINAL.findall(text)
-    if finals:
-        answer = finals[-1].strip().strip("$").strip()
-        return answer or None
-    return None
-
-
-def gold_answer(doc: dict) -> str:
-    """MATH-500 carries ``answer``; hendrycks MATH only a ``solution`` with a box."""
+def gold_text(doc: dict) -> str:
+    """What lm-eval parses for the gold: the solution; else the bare answer boxed."""
+    if doc.get("solution") not in (None, ""):
+        return str(doc["solution"])
     if doc.get("answer") not in (None, ""):
-        return str(doc["answer"]).strip()
-    boxed = last_boxed_content(doc.get("solution", ""))
-    if boxed is None:
-        raise ValueError("MATH doc has neither an 'answer' nor a \\boxed{} in its 'solution'")
-    return boxed
-
-
-def _parse(latex_or_text: str, *, is_answer: bool) -> list:
-    from math_verify import parse  # lazy: only scoring MATH needs math-verify
-
-    # A bare answer is re-boxed so math-verify reads it whole as LaTeX.
-    source = f"\\boxed{{{latex_or_text}}}" if is_answer else latex_or_text
-    return parse(source, parsing_timeout=_timeout())
-
-
-def is_equivalent(gold: str, predicted: str) -> bool:
-    """math-verify equivalence of two bare answers (``gold`` first: verify is asymmetric)."""
-    from math_verify import verify
-
-    return bool(
-        verify(
-            _parse(gold, is_answer=True),
-            _parse(predicted, is_answer=True),
-            timeout_seconds=_timeout(),
-        )
-    )
+        return f"$\\boxed{{{doc['answer']}}}$"
+    raise ValueError("MATH doc has neither a 'solution' nor an 'answer'")
 
 
 def score(prediction: str, doc: dict) -> dict:
-    """Score one generation against a MATH / MATH-500 record."""
-    from math_verify import verify
+    """Score one generation against a MATH / MATH-500 record (lm-eval's math_verify)."""
+    from math_verify import parse, verify  # lazy: the generation box may lack math-verify
 
-    gold = gold_answer(doc)
-    extracted = extract_answer(prediction)
-    if extracted is not None:
-        parsed = _parse(extracted, is_answer=True)
-    else:
-        parsed = _parse(prediction, is_answer=False)
-        # math-verify returns [sympy object, matched string]; keep the string.
-        extracted = str(parsed[-1]) if parsed else ""
-    correct = bool(parsed) and bool(verify(_parse(gold, is_answer=True), parsed, timeout_seconds=_timeout()))
+    gold = parse(gold_text(doc), parsing_timeout=_timeout())
+    target = parse(prediction, parsing_timeout=_timeout())
+    correct = bool(verify(gold=gold, target=target, timeout_seconds=_timeout()))
     return {
-        "extracted": extracted,
-        "gold": gold,
+        "extracted": str(target[-1]) if target else "",
+        "gold": str(gold[-1]) if gold else "",
         "correct": correct,
         "metrics": {"math_verify": float(correct)},
     }

@@ -15,6 +15,7 @@ _SCORERS: dict[str, Callable[[str, dict], dict]] = {
     "gsm8k": gsm8k.score,
     "arith": gsm8k.score,
     "math": math_equivalence.score,
+    "minerva_math": math_equivalence.score,
     "ifeval": ifeval.score,
     "mmlu_generative": choices.score,
     "gpqa": choices.score,
@@ -26,6 +27,7 @@ METRIC_NAMES: dict[str, list[str]] = {
     "gsm8k": list(gsm8k.METRIC_NAMES),
     "arith": list(gsm8k.METRIC_NAMES),
     "math": list(math_equivalence.METRIC_NAMES),
+    "minerva_math": list(math_equivalence.METRIC_NAMES),
     "ifeval": list(ifeval.METRIC_NAMES),
     "mmlu_generative": list(choices.METRIC_NAMES),
     "gpqa": list(choices.METRIC_NAMES),
@@ -35,6 +37,7 @@ PRIMARY_METRIC: dict[str, str] = {
     "gsm8k": gsm8k.PRIMARY_METRIC,
     "arith": "exact_match_strict",  # the demo model answers in the `#### n` format it was trained on
     "math": math_equivalence.PRIMARY_METRIC,
+    "minerva_math": math_equivalence.PRIMARY_METRIC,
     "ifeval": ifeval.PRIMARY_METRIC,
     "mmlu_generative": choices.PRIMARY_METRIC,
     "gpqa": choices.PRIMARY_METRIC,
