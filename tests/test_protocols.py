@@ -193,3 +193,18 @@ def test_arith_runs_under_the_default_protocol_with_its_own_batch_size(tmp_path,
     assert summary["prompting"]["num_fewshot"] == 0 and summary["prompting"]["chat_template"] is True
     assert summary["model"]["path"] == "demo" and summary["dataset"]["total"] == 1000
     assert "arith/k1_first0.429_output" in capsys.readouterr().out
+
+
+@pytestmark_data
+@pytest.mark.parametrize("protocol", ["fork", "paper"])
+def test_gsm8k_protocols_run_on_the_shipped_demo_model(protocol, tmp_path):
+    """A real trained checkpoint (not a random one) goes through each protocol's GSM8K path offline."""
+    from dllm_generation.eval.cli import main
+
+    argv = ["--protocol", protocol, "--model", "demo", "--output-dir", str(tmp_path), "--limit", "1",
+            "--max-new-tokens", "32", "--no-warmup", "--data-files", str(DATA / "gsm8k" / "test.jsonl")]
+    assert main("gsm8k", argv) == 0
+    (summary_path,) = list(tmp_path.glob("gsm8k/*/summary.json"))
+    summary = json.loads(summary_path.read_text())
+    assert summary["protocol"]["name"] == protocol and summary["model"]["path"] == "demo"
+    assert summary["counts"]["samples"] == 1 and summary["throughput"]["generated_tokens"] > 0
