@@ -331,13 +331,16 @@ def test_ctrl_c_during_a_write_is_delivered_after_both_records_are_on_disk(tmp_p
             os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C between the samples and the counters
 
     artifacts.append_jsonl = append_then_signal
+    # A process started in the background inherits SIGINT ignored; a terminal's Ctrl-C finds Python's handler.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with pytest.raises(KeyboardInterrupt):
             files.append([{"id": "a", "index": 0}], {"rank": 0})
     finally:
         artifacts.append_jsonl = real
+        after = signal.signal(signal.SIGINT, inherited)
     assert len(writes) == 2 and files.batch_records() == [{"rank": 0}]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert after is signal.default_int_handler  # the handler in force before the write is back
 
 
 def test_cli_error_lines_are_single_lines(capsys):

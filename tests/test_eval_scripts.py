@@ -31,7 +31,8 @@ def checkpoint(eval_checkpoint):
     return eval_checkpoint
 
 
-SCRIPT_OF_TASK = {"gsm8k": "gsm8k", "math": "math500", "ifeval": "ifeval", "mmlu": "mmlu", "gpqa": "gpqa", "arith": "arith"}
+SCRIPT_OF_TASK = {"gsm8k": "gsm8k", "math": "math500", "minerva_math": "minerva_math", "ifeval": "ifeval", "mmlu": "mmlu",
+                  "gpqa": "gpqa", "arith": "arith"}
 
 
 def run_script(task: str, argv: list[str], monkeypatch) -> int:
