@@ -18,6 +18,9 @@ logger = logging.getLogger(__name__)
 
 SUBSETS = ("first", "middle", "last")
 REUSE_MODES = ("output", "residual")
+# How a reuse step is decided: "fixed" recomputes every k steps; "unmask_drift" recomputes once the
+# share of the sub-block unmasked since the stored entry exceeds `tolerance` (see reuse_policy.py).
+REUSE_POLICIES = ("fixed", "unmask_drift")
 # Default reuse size: a share of the model's layers, so one setting fits every depth. 12 of 28
 # layers is the published layer-reuse experiment on Fast_dLLM_v2_7B; the same share is 6 of 14.
 DEFAULT_REUSE_SIZE = 12 / 28
@@ -98,6 +101,9 @@ class LayerReuseConfig:
     `mode="output"`: on a reuse step a target layer returns its stored output for those positions.
     `mode="residual"`: it returns its current input plus the stored (output - input), so tokens
     unmasked since the store still flow through the skipped layer.
+    `policy="fixed"` (default): compute at steps 0, k, 2k, ... of every sub-block.
+    `policy="unmask_drift"`: compute at step 0, then whenever the share of the sub-block's slots
+    unmasked since the stored entry exceeds `tolerance`, or the entry is `max_staleness` steps old.
     """
 
     k: int = 1
@@ -106,10 +112,17 @@ class LayerReuseConfig:
     size: int | float = DEFAULT_REUSE_SIZE
     layers: list[int] | None = None
     mode: str = "output"
+    policy: str = "fixed"
+    # unmask_drift only: the largest share of the sub-block unmasked since the stored entry that still
+    # allows a recall (0 = never recall; every step unmasks at least one token).
+    tolerance: float | None = None
+    # unmask_drift only: recompute once the stored entry is this many steps old (None = no limit).
+    max_staleness: int | None = None
 
     def __post_init__(self):
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
             raise ValueError(f"LayerReuseConfig.k must be an integer >= 1, got {self.k!r}")
+        self._check_policy()
         if self.mode not in REUSE_MODES:
             raise ValueError(f"LayerReuseConfig.mode must be one of {list(REUSE_MODES)}, got {self.mode!r}")
         if self.layers is not None:
@@ -121,6 +134,26 @@ class LayerReuseConfig:
                     f"LayerReuseConfig.subset must be one of {list(SUBSETS)} (or give explicit `layers`), got {self.subset!r}"
                 )
             validate_size(self.size)
+
+    def _check_policy(self) -> None:
+        if self.policy not in REUSE_POLICIES:
+            raise ValueError(f"LayerReuseConfig.policy must be one of {list(REUSE_POLICIES)}, got {self.policy!r}")
+        if self.policy == "fixed":
+            if self.tolerance is not None or self.max_staleness is not None:
+                raise ValueError("LayerReuseConfig.tolerance and max_staleness apply to policy='unmask_drift' only "
+                                 "(policy='fixed' recomputes every k steps)")
+            return
+        if self.k != 1:
+            raise ValueError(f"LayerReuseConfig.k={self.k} is the fixed policy's period; with policy='unmask_drift' "
+                             "leave k=1 and bound the entry's age with max_staleness")
+        if (self.tolerance is None or isinstance(self.tolerance, bool) or not isinstance(self.tolerance, (int, float))
+                or not 0.0 <= self.tolerance <= 1.0):
+            raise ValueError(f"LayerReuseConfig.tolerance={self.tolerance!r} is out of range (allowed with "
+                             "policy='unmask_drift': a number in [0, 1], the share of the sub-block)")
+        if self.max_staleness is not None and (isinstance(self.max_staleness, bool)
+                                               or not isinstance(self.max_staleness, int) or self.max_staleness < 1):
+            raise ValueError(f"LayerReuseConfig.max_staleness={self.max_staleness!r} is out of range "
+                             "(allowed: None or an integer >= 1)")
 
     def layer_count(self, num_layers: int) -> int:
         """How many layers `size` means for a model of `num_layers` layers.
@@ -164,7 +197,10 @@ class LayerReuseConfig:
     def label(self) -> str:
         """A short, filesystem-safe name, e.g. `k2-first12-output` (a share: `k2-first0.429-output`)."""
         where = f"{self.subset}{size_label(self.size)}" if self.layers is None else "layers" + "_".join(map(str, self.layers))
-        return f"k{self.k}-{where}-{self.mode}"
+        if self.policy == "fixed":
+            return f"k{self.k}-{where}-{self.mode}"
+        stale = "" if self.max_staleness is None else f"-s{self.max_staleness}"
+        return f"drift{self.tolerance:g}{stale}-{where}-{self.mode}"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -174,7 +210,7 @@ class LayerReuseConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LayerReuseConfig":
-        unknown = set(data) - {"k", "subset", "size", "layers", "mode"}
+        unknown = set(data) - {"k", "subset", "size", "layers", "mode", "policy", "tolerance", "max_staleness"}
         if unknown:
             raise ValueError(f"LayerReuseConfig got unknown fields {sorted(unknown)}")
         return cls(**data)

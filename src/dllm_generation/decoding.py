@@ -23,6 +23,7 @@ import torch
 
 from .cache import BlockDiffusionCache
 from .config import DiffusionSettings
+from .reuse_policy import ReuseSchedule, RowReuseState
 from .runner import LayerStackRunner, ReusePlan
 from .sampling import choose_tokens
 
@@ -103,7 +104,8 @@ class BlockDiffusionDecoder:
         self.on_block = on_block
         self.stats = DecodeStats()
         self.reuse_layers = frozenset(settings.reuse_layers) if settings.layer_reuse is not None else frozenset()
-        self.reuse_k = settings.layer_reuse.k if settings.layer_reuse is not None else 1
+        self.schedule = (ReuseSchedule(settings.layer_reuse, settings.small_block_size)
+                         if settings.layer_reuse is not None else None)
         self.residual = settings.layer_reuse is not None and settings.layer_reuse.mode == "residual"
         dev = runner.device
         self.eos = torch.tensor(settings.eos_token_ids or [-1], device=dev)
@@ -250,27 +252,27 @@ class BlockDiffusionDecoder:
         # this block's first token: it ends now, without denoising the rest of the block.
         stopped = finished.tolist()
         sub_idx = [0] * n_rows
-        steps = [0] * n_rows
+        reuse_state = [RowReuseState() for _ in range(n_rows)]
         ready = [False] * n_rows  # the row's block K/V were computed by a whole-block forward
         ar_sub = torch.arange(sbs, device=dev)
         prefix = self.cache.prefix_len
         while True:
             masked = block == s.mask_token_id
-            has_mask = masked.view(n_rows, nsb, sbs).any(-1).tolist()
+            masked_count = masked.view(n_rows, nsb, sbs).sum(-1).tolist()  # per row and sub-block
             first_masked = masked[:, ::sbs].tolist()
             plans = {}
             for r in range(n_rows):
                 if stopped[r]:
                     continue
                 cur = sub_idx[r]
-                while cur < nsb and not has_mask[r][cur]:
+                while cur < nsb and not masked_count[r][cur]:
                     cur += 1
                 if cur == nsb:
                     continue
                 if cur != sub_idx[r]:
-                    sub_idx[r], steps[r] = cur, 0
+                    sub_idx[r], reuse_state[r] = cur, RowReuseState()
                 kind = "sub" if (s.use_block_cache and ready[r] and not first_masked[r][cur]) else "block"
-                compute = not self.reuse_layers or steps[r] % self.reuse_k == 0
+                compute = self.schedule is None or self.schedule.computes(reuse_state[r], masked_count[r][cur])
                 plans[r] = (kind, compute)
             if not plans:
                 return
@@ -286,7 +288,7 @@ class BlockDiffusionDecoder:
                     self._denoise(block, masked, pad, finished, rows, kind, compute, sub_idx, block_serial,
                                   prefix, ar_sub, n_rows)
                 for r in rows:
-                    steps[r] += 1
+                    ReuseSchedule.record(reuse_state[r], compute, masked_count[r][sub_idx[r]])
                     if kind == "block":
                         ready[r] = True
             self.stats.denoising_steps += 1
@@ -368,4 +370,5 @@ class BlockDiffusionDecoder:
             unmasked = [[o + j for j, u in enumerate(row) if u] for o, row in zip(sub_starts, unmask.tolist())]
             self.trace.append({"block": block_serial, "rows": [self._row_ids[r] for r in rows], "kind": kind,
                                "compute": compute, "sub": [sub_idx[r] for r in rows], "tokens": tokens.shape[1],
+                               "masked": is_masked.sum(-1).tolist(),
                                "unmasked": unmasked})

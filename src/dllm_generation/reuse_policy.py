@@ -1,0 +1,53 @@
+"""When a layer-reuse step computes the target layers and when it recalls them, per row.
+
+Every policy restarts at each sub-block, and step 0 of a sub-block always computes (nothing is
+stored for it yet). The decision uses only what the decoder already reads to the host each step (how
+many slots of the row's sub-block are still masked), so no policy adds a device-to-host read, and
+the fast path executes its decisions unchanged.
+
+* `fixed`: compute at steps 0, k, 2k, ...
+* `unmask_drift`: a stored entry goes stale as tokens are unmasked (a masked slot's input changes
+  from the mask embedding to a token, and every other position's features follow). Recall while the
+  share of the sub-block unmasked since the entry was stored is at most `tolerance` and the entry is
+  younger than `max_staleness` steps; compute otherwise. Tolerance 0 never recalls (each step
+  unmasks at least one token), so it equals no reuse; tolerance 1 with `max_staleness=k` equals the
+  fixed policy with period k.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class RowReuseState:
+    """One row's place in its sub-block's reuse schedule."""
+
+    step: int = 0  # denoising steps taken in the current sub-block
+    stored_at: int = 0  # the step whose forward stored the entry
+    masked_at_store: int = 0  # masked slots of the sub-block when the entry was stored
+
+
+class ReuseSchedule:
+    """Decides compute (True) or recall (False) for a row's next step; see the module docstring."""
+
+    def __init__(self, config, small_block_size: int):
+        self.config = config
+        self.small_block_size = small_block_size
+
+    def computes(self, row: RowReuseState, masked_now: int) -> bool:
+        if row.step == 0:
+            return True
+        if self.config.policy == "fixed":
+            return row.step % self.config.k == 0
+        age = row.step - row.stored_at
+        unmasked_share = (row.masked_at_store - masked_now) / self.small_block_size
+        stale = self.config.max_staleness is not None and age >= self.config.max_staleness
+        return stale or unmasked_share > self.config.tolerance
+
+    @staticmethod
+    def record(row: RowReuseState, computed: bool, masked_now: int) -> None:
+        """After the step's plan is final (an uncovered recall may have been turned into a compute)."""
+        if computed:
+            row.stored_at, row.masked_at_store = row.step, masked_now
+        row.step += 1

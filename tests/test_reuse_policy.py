@@ -1,0 +1,102 @@
+"""Reuse policies: `unmask_drift` decides per row from unmasked tokens; its limits equal no reuse and fixed k."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import generate_new_tokens
+from test_layer_reuse import ExecutionCounter, prompts_of, run_decoder
+from transformers import GenerationConfig
+
+from dllm_generation import LayerReuseConfig
+
+LENGTHS = [5, 31, 33, 70]
+# A low threshold makes the random tiny model unmask a varying number of tokens per step.
+KW = dict(max_new_tokens=64, block_size=32, small_block_size=8, threshold=0.4)
+
+
+def drift(tolerance, max_staleness=None, **kw):
+    return LayerReuseConfig(policy="unmask_drift", tolerance=tolerance, max_staleness=max_staleness,
+                            layers=[1, 2], **kw)
+
+
+@pytest.mark.parametrize("use_block_cache", [True, False])
+def test_tolerance_zero_and_staleness_one_are_no_reuse(tiny_model, use_block_cache):
+    prompts = prompts_of(LENGTHS)
+    plain, s0 = generate_new_tokens(tiny_model, prompts, use_block_cache=use_block_cache, **KW)
+    for config in (drift(0.0), drift(1.0, max_staleness=1)):
+        tokens, stats = generate_new_tokens(tiny_model, prompts, use_block_cache=use_block_cache,
+                                            layer_reuse=config, **KW)
+        assert tokens == plain
+        assert stats["layer_calls"] == s0["layer_calls"] and stats["layer_calls_skipped"] == 0
+        assert stats["forwards"] == s0["forwards"]
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_tolerance_one_with_staleness_k_is_the_fixed_policy(tiny_model, k):
+    prompts = prompts_of(LENGTHS, seed=k)
+    fixed, sf = generate_new_tokens(tiny_model, prompts, layer_reuse=LayerReuseConfig(k=k, layers=[1, 2]), **KW)
+    adaptive, sa = generate_new_tokens(tiny_model, prompts, layer_reuse=drift(1.0, max_staleness=k), **KW)
+    assert adaptive == fixed
+    for key in ("forwards", "denoising_steps", "layer_calls", "layer_calls_skipped", "layer_runs", "layer_skips"):
+        assert sa[key] == sf[key], key
+    assert sf["layer_calls_skipped"] > 0
+
+
+@pytest.mark.parametrize("tolerance", [0.25, 0.5])
+def test_decisions_follow_the_unmasked_share_and_recalled_layers_never_run(tiny_model, tolerance):
+    """Replay the rule from the per-forward trace; hooks count the target layers' real executions."""
+    prompt = prompts_of([40], seed=7)[0]
+    counter = ExecutionCounter(tiny_model)
+    try:
+        _, decoder = run_decoder(tiny_model, [prompt], use_block_cache=True, layer_reuse=drift(tolerance), **KW)
+    finally:
+        counter.close()
+    trace, stats = decoder.trace, decoder.stats.as_dict()
+    sizes = {len(entry["unmasked"][0]) for entry in trace}
+    assert len(sizes) > 1, "the test needs steps that unmask different numbers of tokens"
+    expected, current, masked_at_store = [], None, 0
+    for entry in trace:
+        where, masked = (entry["block"], entry["sub"][0]), entry["masked"][0]
+        compute = where != current or (masked_at_store - masked) / 8 > tolerance  # step 0 of a sub-block computes
+        current = where
+        if compute:
+            masked_at_store = masked
+        expected.append(compute)
+    assert [entry["compute"] for entry in trace] == expected
+    assert False in expected and expected.count(True) > expected.count(False) // 4
+    computes = sum(expected)
+    other = stats["prefill_forwards"] + stats["commit_forwards"] + len(trace)
+    assert counter.attn[0] == counter.mlp[0] == other
+    for layer in (1, 2):
+        assert counter.attn[layer] == counter.mlp[layer] == other - (len(trace) - computes)
+    assert stats["layer_calls_skipped"] == 2 * (len(trace) - computes)
+
+
+def test_each_row_decides_alone(tiny_model):
+    prompts = prompts_of(LENGTHS, seed=11)
+    config = drift(0.4, max_staleness=3)
+    batched, _ = generate_new_tokens(tiny_model, prompts, layer_reuse=config, **KW)
+    alone = [generate_new_tokens(tiny_model, [p], layer_reuse=config, **KW)[0][0] for p in prompts]
+    assert [row[: len(a)] for row, a in zip(batched, alone)] == alone
+
+
+def test_policy_round_trips_through_generation_config(tmp_path):
+    config = GenerationConfig(layer_reuse=drift(0.375, max_staleness=4, mode="residual"))
+    config.save_pretrained(tmp_path)
+    loaded = LayerReuseConfig.coerce(GenerationConfig.from_pretrained(tmp_path).layer_reuse)
+    assert loaded == drift(0.375, max_staleness=4, mode="residual")
+    assert loaded.label == "drift0.375-s4-layers1_2-residual"
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    (dict(policy="adaptive"), "policy must be one of \\['fixed', 'unmask_drift'\\]"),
+    (dict(policy="unmask_drift", tolerance=-0.1), "tolerance=-0.1 is out of range"),
+    (dict(policy="unmask_drift"), "tolerance=None is out of range"),
+    (dict(policy="unmask_drift", tolerance=0.5, k=2), "k=2 is the fixed policy's period"),
+    (dict(policy="unmask_drift", tolerance=0.5, max_staleness=0), "max_staleness=0 is out of range"),
+    (dict(k=2, tolerance=0.5), "apply to policy='unmask_drift' only"),
+    (dict(k=2, max_staleness=3), "apply to policy='unmask_drift' only"),
+])
+def test_bad_policy_settings_are_refused_at_config_time(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LayerReuseConfig(**kwargs)
