@@ -370,5 +370,4 @@ class BlockDiffusionDecoder:
             unmasked = [[o + j for j, u in enumerate(row) if u] for o, row in zip(sub_starts, unmask.tolist())]
             self.trace.append({"block": block_serial, "rows": [self._row_ids[r] for r in rows], "kind": kind,
                                "compute": compute, "sub": [sub_idx[r] for r in rows], "tokens": tokens.shape[1],
-                               "masked": is_masked.sum(-1).tolist(),
                                "unmasked": unmasked})
