@@ -22,6 +22,7 @@ from .options import (
     MMLU_MODES,
     PROTOCOLS,
     REUSE_MODES,
+    REUSE_POLICIES,
     SUBSETS,
     TASKS,
     EvalOptions,
@@ -36,6 +37,13 @@ def _int_list(text: str) -> list[int]:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def _str_list(text: str) -> list[str]:
@@ -91,6 +99,17 @@ def add_shared_arguments(parser: argparse.ArgumentParser, *, grid: bool = False,
         r.add_argument("--size", type=parse_size, default=DEFAULT_SIZE_TEXT, help=SIZE_HELP)
         r.add_argument("--mode", default=DEFAULTS.mode, choices=REUSE_MODES, help="reuse a layer's output or its residual update")
     r.add_argument("--layers", type=_int_list, default=None, help="explicit layer indices (instead of subset/size)")
+    if grid:
+        r.add_argument("--tolerance", type=_float_list, default=None,
+                       help="also run the unmask_drift policy at each of these tolerances (k=1; shares of the "
+                       "sub-block unmasked since the stored entry that still allow a recall)")
+    else:
+        r.add_argument("--policy", default=DEFAULTS.policy, choices=REUSE_POLICIES,
+                       help="fixed: recompute every k steps; unmask_drift: recompute once more than --tolerance of "
+                       "the sub-block was unmasked since the stored entry (or it is --max-staleness steps old)")
+        r.add_argument("--tolerance", type=float, default=None, help="unmask_drift: a share in [0, 1]")
+    r.add_argument("--max-staleness", type=int, default=None,
+                   help="unmask_drift: recompute once the stored entry is this many steps old (None = no limit)")
 
     d = parser.add_argument_group("decoding (None = the protocol's value)")
     d.add_argument("--block-size", type=int, default=None, help="tokens decoded per block")
@@ -196,8 +215,9 @@ def grid_main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     from .grid import grid_options, run_grid
 
     try:
-        base = options_from_args(args.task, args, k=1, subset=DEFAULTS.subset, size=DEFAULTS.size, mode=DEFAULTS.mode)
-        cells = grid_options(base, args.k, args.subset, args.size, args.mode)
+        base = options_from_args(args.task, args, k=1, subset=DEFAULTS.subset, size=DEFAULTS.size, mode=DEFAULTS.mode,
+                                 tolerance=None)
+        cells = grid_options(base, args.k, args.subset, args.size, args.mode, tolerances=args.tolerance)
     except InvalidOptionError as err:
         _refuse(parser, err)
     from .distributed import shutdown

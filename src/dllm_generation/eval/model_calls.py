@@ -97,13 +97,14 @@ def check_device(options) -> None:
 
 
 def reuse_config(options):
-    """The `LayerReuseConfig` of `options`; None for k=1 (plain decoding, no reuse at all)."""
+    """The `LayerReuseConfig` of `options`; None for the fixed policy at k=1 (plain decoding, no reuse at all)."""
     from dllm_generation import LayerReuseConfig
 
-    if options.k <= 1:
+    if options.policy == "fixed" and options.k <= 1:
         return None
     return LayerReuseConfig(k=options.k, subset=options.subset, size=options.size, layers=options.layers,
-                            mode=options.mode)
+                            mode=options.mode, policy=options.policy, tolerance=options.tolerance,
+                            max_staleness=options.max_staleness)
 
 
 def check_layer_reuse(options, num_layers: int) -> None:

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from ..config import (
     DEFAULT_REUSE_SIZE,
     REUSE_MODES,
+    REUSE_POLICIES,
     SUBSETS,
+    LayerReuseConfig,
     size_label,
     validate_block_sizes,
     validate_layers,
@@ -68,6 +70,10 @@ class EvalOptions:
     size: int | float = DEFAULT_REUSE_SIZE
     layers: list[int] | None = None
     mode: str = REUSE_MODES[0]
+    # reuse policy (LayerReuseConfig.policy): fixed = every k steps; unmask_drift = by unmasked share
+    policy: str = REUSE_POLICIES[0]
+    tolerance: float | None = None
+    max_staleness: int | None = None
     # decoding; None = the protocol's value (see protocols.py)
     block_size: int | None = None
     small_block_size: int | None = None
@@ -156,6 +162,9 @@ class EvalOptions:
             validate_threshold(self.threshold)
             if self.layers is not None:
                 validate_layers(self.layers, "layers")
+            if self.policy != REUSE_POLICIES[0] or self.tolerance is not None or self.max_staleness is not None:
+                LayerReuseConfig(k=self.k, subset=self.subset, size=self.size, layers=self.layers, mode=self.mode,
+                                 policy=self.policy, tolerance=self.tolerance, max_staleness=self.max_staleness)
         except ValueError as err:
             raise InvalidOptionError(str(err)) from None
         _writable_folder("output_dir", self.output_dir)
@@ -190,7 +199,11 @@ class EvalOptions:
             return self.run_name
         me = self.resolved()
         where = "layers" + "-".join(str(i) for i in self.layers) if self.layers else f"{self.subset}{size_label(self.size)}"
-        parts = [f"k{self.k}", where, self.mode]
+        if self.policy == REUSE_POLICIES[0]:
+            schedule = f"k{self.k}"
+        else:
+            schedule = f"drift{self.tolerance:g}" + ("" if self.max_staleness is None else f"s{self.max_staleness}")
+        parts = [schedule, where, self.mode]
         if self.protocol != DEFAULT_PROTOCOL:
             parts.append(self.protocol)
         defaults = EvalOptions(task=self.task, protocol=self.protocol).resolved()
@@ -225,7 +238,7 @@ class EvalOptions:
         --limit extends a run, and greedy decoding does not depend on them.
         """
         keep = ("task", "protocol", "model", "tokenizer", "dtype", "mask_token_id", "k", "subset", "size", "layers",
-                "mode", "block_size", "small_block_size", "threshold", "use_block_cache", "fast_path",
+                "mode", "policy", "tolerance", "max_staleness", "block_size", "small_block_size", "threshold", "use_block_cache", "fast_path",
                 "max_new_tokens", "chat_template", "mmlu_mode", "loglikelihood_forward", "seed", "data_files",
                 "fewshot_files", "dataset", "dataset_config", "split")
         me = self.resolved()

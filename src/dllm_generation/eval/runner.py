@@ -411,9 +411,10 @@ def _model_info(options, model, device) -> dict:
 
 def _generation_info(options, model, batches: list[dict]) -> dict:
     reuse = None
-    if options.k > 1:
+    if reuse_config(options) is not None:
         reuse = {"k": options.k, "subset": options.subset, "size": options.size, "layers": options.layers,
-                 "mode": options.mode}
+                 "mode": options.mode, "policy": options.policy, "tolerance": options.tolerance,
+                 "max_staleness": options.max_staleness}
         if model is not None:
             reuse["resolved_layers"] = list(reuse_config(options).resolve_layers(model.config.num_hidden_layers))
     return {
