@@ -104,3 +104,12 @@ def test_policy_round_trips_through_generation_config(tmp_path):
 def test_bad_policy_settings_are_refused_at_config_time(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LayerReuseConfig(**kwargs)
+
+
+def test_policy_settings_enter_the_run_identity_only_when_used():
+    from dllm_generation.eval.options import EvalOptions
+
+    fixed = EvalOptions(task="arith", k=2).validate().identity()
+    assert not {"policy", "tolerance", "max_staleness"} & set(fixed)  # folders made before policies still resume
+    adaptive = EvalOptions(task="arith", policy="unmask_drift", tolerance=0.5).validate()
+    assert adaptive.identity()["tolerance"] == 0.5 and adaptive.config_name().startswith("drift0.5_")

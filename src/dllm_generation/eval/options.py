@@ -238,13 +238,15 @@ class EvalOptions:
         --limit extends a run, and greedy decoding does not depend on them.
         """
         keep = ("task", "protocol", "model", "tokenizer", "dtype", "mask_token_id", "k", "subset", "size", "layers",
-                "mode", "policy", "tolerance", "max_staleness", "block_size", "small_block_size", "threshold", "use_block_cache", "fast_path",
-                "max_new_tokens", "chat_template", "mmlu_mode", "loglikelihood_forward", "seed", "data_files",
+                "mode", "block_size", "small_block_size", "threshold", "use_block_cache", "fast_path", "max_new_tokens", "chat_template", "mmlu_mode", "loglikelihood_forward", "seed", "data_files",
                 "fewshot_files", "dataset", "dataset_config", "split")
         me = self.resolved()
         out = {name: getattr(me, name) for name in keep}
         out["num_fewshot"] = me.num_fewshot
-
+        # Reuse-policy settings only where they differ from the fixed schedule, so runs made before
+        # these settings existed keep their identity and resume.
+        if me.policy != REUSE_POLICIES[0] or me.tolerance is not None or me.max_staleness is not None:
+            out.update(policy=me.policy, tolerance=me.tolerance, max_staleness=me.max_staleness)
         for name in ("model", "tokenizer"):
             if out[name] and os.path.exists(out[name]):
                 out[name] = os.path.abspath(out[name])
