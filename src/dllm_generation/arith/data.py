@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from importlib import resources
 
 import torch
@@ -32,15 +31,6 @@ def build_test_set(count: int = TEST_SET_SIZE, *, seed: int = TEST_SET_SEED,
             seen.add(key)
             problems.append(problem)
     return problems
-
-
-def write_jsonl(problems: list[Problem], path: str) -> None:
-    """Write atomically: a reader never sees a half-written file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for problem in problems:
-            f.write(problem.to_json() + "\n")
-    os.replace(tmp, path)
 
 
 def chat_messages(question: str) -> list[dict]:

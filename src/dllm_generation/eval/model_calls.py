@@ -57,9 +57,10 @@ def load_model_and_tokenizer(options, device: str | None):
     if options.tokenizer:
         kwargs["tokenizer"] = options.tokenizer
     try:
-        config, _ = config_from_hub_dict(read_config_dict(resolve_pretrained(options.model)))
+        path = resolve_pretrained(options.model)  # a shipped model's files are verified here, once
+        config, _ = config_from_hub_dict(read_config_dict(path))
         check_layer_reuse(options, config.num_hidden_layers)
-        model, tokenizer = load_model(options.model, **kwargs)
+        model, tokenizer = load_model(path, **kwargs)
     except InvalidOptionError:
         raise
     except (OSError, ValueError, RuntimeError) as err:

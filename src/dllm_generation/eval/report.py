@@ -11,12 +11,11 @@ measured on a CPU or on a host busy with other work is flagged: its tokens/s is 
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import os
 from collections import defaultdict
 
-from .artifacts import read_json, write_text_atomic
+from .artifacts import RunFiles, read_json, write_text_atomic
 from .provenance import BUSY_LOAD_PER_CPU
 
 logger = logging.getLogger(__name__)
@@ -103,12 +102,8 @@ def build_report(root: str, *, output: str | None = None, plots: bool = True) ->
 
 def grid_table(cells) -> str:
     """The accuracy x speed table of a grid's cells that have a summary (what `run_grid` prints)."""
-    runs = []
-    for options in cells:
-        path = os.path.join(options.run_dir(), "summary.json")
-        if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                runs.append(json.load(f))
+    files = [RunFiles(options.run_dir()) for options in cells]
+    runs = [read_json(f.summary) for f in files if f.has_summary()]
     if not runs:
         return "no finished configurations yet"
     return "\n".join(_task_table(runs[0]["task"], runs))

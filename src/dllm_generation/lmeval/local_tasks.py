@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 
+from ..eval.artifacts import write_jsonl_atomic
 from ..eval.data import MINERVA_MATH_SUBJECTS, math_subject
 
 # lm-eval subtask name of each MATH subject (its minerva_math group).
@@ -92,7 +93,7 @@ def minerva_math_tasks(math_file: str, workdir: str, subjects=MINERVA_MATH_SUBJE
     tasks = []
     for subject in subjects:
         path = os.path.join(workdir, f"minerva_{subject}.jsonl")
-        _write_jsonl(path, [r for r in rows if math_subject(r) == subject])
+        write_jsonl_atomic(path, [r for r in rows if math_subject(r) == subject])
         tasks.append(build_task(MINERVA_TASK_OF[subject], {"test": path}, training_split=None))
     return tasks
 
@@ -111,14 +112,6 @@ def mmlu_tasks(mmlu_dir: str, workdir: str, subjects: list[str] | None = None) -
         for split in ("test", "dev"):
             rows = _mmlu_rows([os.path.join(mmlu_dir, split, f"{subject}_{split}.csv")])
             paths[split] = os.path.join(workdir, f"mmlu_{subject}_{split}.jsonl")
-            _write_jsonl(paths[split], rows)
+            write_jsonl_atomic(paths[split], rows)
         tasks.append(build_task(f"mmlu_{subject}", paths))
     return tasks
-
-
-def _write_jsonl(path: str, rows: list[dict]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
