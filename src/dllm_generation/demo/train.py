@@ -22,7 +22,7 @@ from transformers import TrainerCallback
 
 from ..arith.data import ArithTrainingSet, tokenizer_corpus
 from ..arith.tokenizer import build_tokenizer
-from ..hub_format import save_hub_checkpoint, write_checksums
+from ..hub_format import save_hub_checkpoint
 from ..loading import mask_token_id_from_tokenizer
 from ..training import BlockDiffusionCollator, BlockDiffusionTrainer, validate_training_setup
 
@@ -115,14 +115,13 @@ def main(argv=None) -> int:
 
     export = os.path.join(args.output_dir, "model")
     trainer.model.config.use_cache = True  # the Trainer turns it off for training
+    trainer.model.generation_config = generation_defaults(tokenizer)  # saved with the weights
     save_hub_checkpoint(trainer.model.float(), export, bd_size=BLOCK_SIZE, tokenizer=tokenizer,
                         dtype=getattr(torch, args.save_dtype), max_shard_size=args.max_shard_size)
-    write_generation_config(export, tokenizer)
     history = [e for e in trainer.state.log_history if "loss" in e]
     with open(os.path.join(args.output_dir, "loss_log.json"), "w", encoding="utf-8") as f:
         json.dump({"args": vars(args), "versions": versions(), "history": history}, f, indent=1)
     plot_loss(history, os.path.join(args.output_dir, "loss_curve.png"))
-    write_checksums(export)
     if stopped_early:
         logger.warning("stopped at step %d of %d (time limit): the model in %s is a partial one; rerun the same "
                        "command to resume", trainer.state.global_step, args.max_steps, export)
@@ -143,14 +142,14 @@ class TimeLimit(TrainerCallback):
         return control
 
 
-def write_generation_config(path: str, tokenizer) -> None:
+def generation_defaults(tokenizer):
     """Greedy block-diffusion defaults, as `load_model` and `generate` read them."""
     from transformers import GenerationConfig
 
-    GenerationConfig(
+    return GenerationConfig(
         do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.pad_token_id, max_new_tokens=256,
-    ).save_pretrained(path)
+    )
 
 
 def versions() -> dict:
