@@ -1,4 +1,4 @@
-"""Token agreement of every fast-path variant with the plain path, in float32 and bf16 (needs CUDA).
+"""Token agreement of every graphed-engine mode with the eager engine, in float32 and bf16 (needs CUDA).
 
 A 4-layer model of the hub config's width with peaky random weights, batch 1 and 8, block cache off
 and on. float32 isolates logic errors (every variant must equal the plain path); bf16 shows what
@@ -21,7 +21,7 @@ for dtype in ("float32", "bfloat16"):
         ids, mask = T.make_prompts(args, batch, vocab_high, seed_offset=7)
         for cache in (False, True):
             outs = {}
-            for path in ("off", "eager", "graphs", "compile"):
+            for path in ("off", "uncaptured", "graphs", "compile"):
                 try:
                     seq, st, _ = T.run_one(model, args, ids, mask, cache=cache, reuse=None, path=path, new_tokens=64)
                     outs[path] = (seq, st["forwards"])

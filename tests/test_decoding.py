@@ -220,7 +220,7 @@ def _reference(model, prompt, **kw):
                             pad_id=model.generation_config.pad_token_id)
 
 
-@pytest.mark.parametrize("path", [False, "eager"])
+@pytest.mark.parametrize("path", [False, "uncaptured"])
 def test_stop_token_from_a_commit_ends_the_row_without_denoising_another_block(tiny_model, path):
     prompt = prompts_of([40], seed=11)[0]  # 8 prompt tokens in the first block: 24 generated there
     kw = dict(max_new_tokens=96, use_block_cache=False, **BASE)
@@ -240,7 +240,7 @@ def test_stop_token_from_a_commit_ends_the_row_without_denoising_another_block(t
     assert got[0][: len(want)] == want and stats["forwards"] == forwards == 1 + first_block_steps + 1
 
 
-@pytest.mark.parametrize("path", [False, "eager"])
+@pytest.mark.parametrize("path", [False, "uncaptured"])
 def test_stop_token_from_the_prefill_ends_the_row_with_no_denoising(tiny_model, path):
     prompt = prompts_of([64], seed=13)[0]  # whole blocks only: the prefill gives the first new token
     kw = dict(max_new_tokens=64, use_block_cache=True, **BASE)
@@ -317,13 +317,14 @@ def mask_tied_model(tiny_path):
 @pytest.mark.parametrize("use_block_cache", [False, True])
 def test_near_threshold_decisions_match_the_reference_when_the_mask_token_is_likely(mask_tied_model, use_block_cache,
                                                                                     monkeypatch):
-    from dllm_generation import decoding, sampling
+    from dllm_generation import sampling
+    from dllm_generation.engines import eager
 
     model = mask_tied_model
     prompt = prompts_of([40], seed=14)[0]
     kw = dict(max_new_tokens=64, use_block_cache=use_block_cache, eos_token_id=[TINY_MASK - 1], **BASE)
     plain, ps = generate_new_tokens(model, [prompt], fast_path=False, **kw)
-    fast, fs = generate_new_tokens(model, [prompt], fast_path="eager", **kw)
+    fast, fs = generate_new_tokens(model, [prompt], fast_path="uncaptured", **kw)
     assert fast == plain and fs["forwards"] == ps["forwards"]
     if not use_block_cache:
         want, forwards = _reference(model, prompt, **kw)
@@ -334,6 +335,6 @@ def test_near_threshold_decisions_match_the_reference_when_the_mask_token_is_lik
         logits[..., TINY_MASK] = -float("inf")
         return sampling.choose_tokens(logits, **kwargs)
 
-    monkeypatch.setattr(decoding, "choose_tokens", renormalised_without_mask)
+    monkeypatch.setattr(eager, "choose_tokens", renormalised_without_mask)
     other, _ = generate_new_tokens(model, [prompt], fast_path=False, **kw)
     assert other != plain, "test setup: the two confidence definitions must lead to different decisions here"

@@ -1,11 +1,14 @@
-"""Fast path (fast_path.py): same tokens, statistics and per-forward trace as the plain path.
+"""The graphed engine (engines/graphed.py) executes the decoder's plans exactly as the eager engine.
 
-On the CPU the fast path runs its static-shape code without CUDA graphs (`fast_path="eager"`);
-in float32 it must reproduce the plain path token for token. By default on the CPU it is off,
-with the reason reported (not an error).
+On the CPU its passes run without CUDA graphs (`fast_path="uncaptured"`); in float32 they must
+reproduce the eager engine token for token, with identical counters and traces. By default on the
+CPU the eager engine runs, with the reason reported; an explicit request the graphed engine cannot
+serve is an error before any compute.
 """
 
 from __future__ import annotations
+
+from collections import Counter
 
 import pytest
 import torch
@@ -15,7 +18,10 @@ from transformers import GenerationConfig
 from dllm_generation import LayerReuseConfig
 from dllm_generation.config import resolve_settings
 from dllm_generation.decoding import BlockDiffusionDecoder, plan_layout
-from dllm_generation.fast_path import _ENGINES, release, select_fast_path
+from dllm_generation.engines import release, select_engine
+from dllm_generation.engines.eager import EagerEngine
+from dllm_generation.engines.graphed import GraphedEngine
+from dllm_generation.engines.selection import graphed_engine_of, unsupported_layer_reason
 from dllm_generation.runner import LayerStackRunner
 from dllm_generation.testing import random_prompts
 
@@ -29,24 +35,25 @@ def prompts_of(lengths, seed=1):
     return random_prompts(lengths, TINY_MASK - 8, seed=seed)
 
 
-def both_paths(model, prompts, **kw):
+def both_engines(model, prompts, **kw):
     plain, ps = generate_new_tokens(model, prompts, fast_path=False, **kw)
-    fast, fs = generate_new_tokens(model, prompts, fast_path="eager", **kw)
-    assert fs["fast_path"]["mode"] == "eager"
+    fast, fs = generate_new_tokens(model, prompts, fast_path="uncaptured", **kw)
+    assert fs["fast_path"]["mode"] == "uncaptured"
     assert ps["fast_path"] == "off (fast_path=False)"
     return plain, ps, fast, fs
 
 
 REUSE = [None, LayerReuseConfig(k=1, subset="first", size=2), LayerReuseConfig(k=2, subset="middle", size=2),
-         LayerReuseConfig(k=3, subset="last", size=2), LayerReuseConfig(k=2, subset="first", size=3, mode="residual")]
+         LayerReuseConfig(k=3, subset="last", size=2), LayerReuseConfig(k=2, subset="first", size=3, mode="residual"),
+         LayerReuseConfig(policy="unmask_drift", tolerance=0.25, max_staleness=3, subset="first", size=2)]
 
 
 @pytest.mark.parametrize("use_block_cache", [True, False])
 @pytest.mark.parametrize("reuse", REUSE, ids=lambda r: "none" if r is None else r.label)
-def test_fast_path_equals_plain_path_tokens_and_stats(tiny_model, use_block_cache, reuse):
+def test_graphed_engine_equals_eager_engine_tokens_and_stats(tiny_model, use_block_cache, reuse):
     prompts = prompts_of(LENGTHS)
-    plain, ps, fast, fs = both_paths(tiny_model, prompts, max_new_tokens=72, use_block_cache=use_block_cache,
-                                     layer_reuse=reuse, **BASE)
+    plain, ps, fast, fs = both_engines(tiny_model, prompts, max_new_tokens=72, use_block_cache=use_block_cache,
+                                       layer_reuse=reuse, **BASE)
     assert fast == plain
     assert {k: fs[k] for k in COUNTERS} == {k: ps[k] for k in COUNTERS}
     if use_block_cache:
@@ -54,7 +61,7 @@ def test_fast_path_equals_plain_path_tokens_and_stats(tiny_model, use_block_cach
 
 
 @pytest.mark.parametrize("mode", ["output", "residual"])
-def test_fast_path_equals_plain_when_rows_stop_in_different_blocks(tiny_model, mode):
+def test_graphed_engine_equals_eager_when_rows_stop_in_different_blocks(tiny_model, mode):
     """Rows leaving the batch compact the static buffers (K/V and reuse entries) in place."""
     prompts = prompts_of(LENGTHS, seed=5)
     kw = dict(max_new_tokens=96, layer_reuse=LayerReuseConfig(k=2, subset="first", size=2, mode=mode), **BASE)
@@ -66,66 +73,111 @@ def test_fast_path_equals_plain_when_rows_stop_in_different_blocks(tiny_model, m
         if tok is not None:
             stops.append(tok)
     assert len(stops) >= 2
-    plain, ps, fast, fs = both_paths(tiny_model, prompts, eos_token_id=stops, **kw)
+    plain, ps, fast, fs = both_engines(tiny_model, prompts, eos_token_id=stops, **kw)
     assert fast == plain
     assert {k: fs[k] for k in COUNTERS} == {k: ps[k] for k in COUNTERS}
 
 
-def test_fast_path_trace_matches_plain_trace(tiny_model):
+def _decode(model, prompts, mode, cfg):
+    runner = LayerStackRunner(model)
+    settings = resolve_settings(GenerationConfig(fast_path=mode, **cfg), model.generation_config, model.config,
+                                num_layers=runner.num_layers)
+    layout = plan_layout([len(p) for p in prompts], 32, cfg["max_new_tokens"])
+    engine, _ = select_engine(model, runner, settings, batch=len(prompts), capacity=layout.capacity_blocks * 32)
+    decoder = BlockDiffusionDecoder(runner, settings, engine=engine, trace=True)
+    return decoder.decode(prompts), decoder
+
+
+def test_graphed_engine_trace_matches_eager_trace(tiny_model):
     prompts = prompts_of([5, 40, 64], seed=2)
-    cfg = GenerationConfig(max_new_tokens=64, layer_reuse=LayerReuseConfig(k=2, subset="first", size=2), **BASE)
-    traces = []
-    for mode in (False, "eager"):
-        runner = LayerStackRunner(tiny_model)
-        settings = resolve_settings(cfg, tiny_model.generation_config, tiny_model.config, num_layers=runner.num_layers)
-        layout = plan_layout([len(p) for p in prompts], 32, 64)
-        engine, _ = select_fast_path(tiny_model, runner, settings, mode, batch=len(prompts),
-                                     capacity=layout.capacity_blocks * 32)
-        assert (engine is None) == (mode is False)
-        decoder = BlockDiffusionDecoder(runner, settings, trace=True, fast_path=engine)
-        traces.append((decoder.decode(prompts), decoder.trace))
-    assert traces[0] == traces[1]
+    cfg = dict(max_new_tokens=64, layer_reuse=LayerReuseConfig(k=2, subset="first", size=2), **BASE)
+    (out_e, dec_e), (out_g, dec_g) = (_decode(tiny_model, prompts, mode, cfg) for mode in (False, "uncaptured"))
+    assert isinstance(dec_e.engine, EagerEngine) and isinstance(dec_g.engine, GraphedEngine)
+    assert out_e == out_g and dec_e.trace == dec_g.trace
+    assert dec_e.stats.as_dict() | {"wall_seconds": 0} == dec_g.stats.as_dict() | {"wall_seconds": 0}
+
+
+class ModuleCalls:
+    """Counts calls of each layer's modules that both engines call (q_proj and mlp)."""
+
+    def __init__(self, model):
+        self.q, self.mlp, self.handles = Counter(), Counter(), []
+        for i, layer in enumerate(model.model.layers):
+            self.handles.append(layer.self_attn.q_proj.register_forward_hook(lambda *_, i=i: self.q.update([i])))
+            self.handles.append(layer.mlp.register_forward_hook(lambda *_, i=i: self.mlp.update([i])))
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("mode", [False, "uncaptured"])
+def test_both_engines_run_the_model_modules_exactly_as_counted(tiny_model, mode):
+    """The graphed engine calls the model's own modules; recalled layers are not called at all."""
+    prompts = prompts_of([5, 40], seed=3)
+    cfg = dict(max_new_tokens=64, threshold=1.0, block_size=32, small_block_size=8,
+               layer_reuse=LayerReuseConfig(k=2, layers=[1, 2]))
+    calls = ModuleCalls(tiny_model)
+    try:
+        _, decoder = _decode(tiny_model, prompts, mode, cfg)
+    finally:
+        calls.close()
+    stats = decoder.stats.as_dict()
+    full = stats["prefill_forwards"] + stats["commit_forwards"]  # every layer, one call each
+    if mode is False:  # one call per planned forward
+        expected = stats["layer_runs"]
+    else:  # one call per pass: a step's forwards with the same reuse decision share one packed pass
+        passes = {(e["step"], e["compute"]) for e in decoder.trace}
+        computing = sum(1 for _, compute in passes if compute)
+        expected = [full + len(passes), full + computing, full + computing, full + len(passes)]
+        assert len(passes) < len(decoder.trace)  # some steps packed a whole-block and a sub-block forward
+    assert [calls.q[i] for i in range(4)] == [calls.mlp[i] for i in range(4)] == expected
+    assert expected[1] < expected[0] and sum(stats["layer_skips"]) > 0
 
 
 def test_static_buffers_are_reused_across_calls_and_grow_when_needed(tiny_model):
     release(tiny_model)
     prompts = prompts_of([33, 40])
-    generate_new_tokens(tiny_model, prompts, max_new_tokens=40, fast_path="eager", **BASE)
-    store = _ENGINES[tiny_model].store
-    generate_new_tokens(tiny_model, prompts[:1], max_new_tokens=40, fast_path="eager", **BASE)
-    assert _ENGINES[tiny_model].store is store  # fewer rows, same capacity: same buffers
-    generate_new_tokens(tiny_model, prompts * 2, max_new_tokens=200, fast_path="eager", **BASE)
-    grown = _ENGINES[tiny_model].store
+    generate_new_tokens(tiny_model, prompts, max_new_tokens=40, fast_path="uncaptured", **BASE)
+    store = graphed_engine_of(tiny_model).store
+    generate_new_tokens(tiny_model, prompts[:1], max_new_tokens=40, fast_path="uncaptured", **BASE)
+    assert graphed_engine_of(tiny_model).store is store  # fewer rows, same capacity: same buffers
+    generate_new_tokens(tiny_model, prompts * 2, max_new_tokens=200, fast_path="uncaptured", **BASE)
+    grown = graphed_engine_of(tiny_model).store
     assert grown is not store and grown.rows >= 4 and grown.capacity >= 256 > store.capacity
     release(tiny_model)
-    assert tiny_model not in _ENGINES
+    assert graphed_engine_of(tiny_model) is None
 
 
-def test_fast_path_falls_back_with_a_reason_not_an_error(tiny_model, caplog):
+def test_default_falls_back_with_a_reason_and_explicit_requests_are_errors(tiny_model, caplog):
     prompts = prompts_of([20])
-    _, stats = generate_new_tokens(tiny_model, prompts, max_new_tokens=16, **BASE)
-    assert stats["fast_path"].startswith("off (device is cpu")
-    with caplog.at_level("WARNING", logger="dllm_generation.fast_path"):
-        _, stats = generate_new_tokens(tiny_model, prompts, max_new_tokens=16, fast_path="graphs", **BASE)
+    with caplog.at_level("INFO", logger="dllm_generation.engines.selection"):
+        _, stats = generate_new_tokens(tiny_model, prompts, max_new_tokens=16, **BASE)
     assert stats["fast_path"].startswith("off (device is cpu") and "fast path not used" in caplog.text
-    _, stats = generate_new_tokens(tiny_model, prompts, max_new_tokens=16, fast_path="eager", do_sample=True,
-                                   temperature=0.7, seed=0, **BASE)
-    assert stats["fast_path"].startswith("off (sampling")
+    for mode in ("graphs", "compile"):
+        with pytest.raises(ValueError, match=f"fast_path='{mode}' cannot serve this call: device is cpu"):
+            generate_new_tokens(tiny_model, prompts, max_new_tokens=16, fast_path=mode, **BASE)
+    with pytest.raises(ValueError, match="fast_path='uncaptured' cannot serve this call: sampling"):
+        generate_new_tokens(tiny_model, prompts, max_new_tokens=16, fast_path="uncaptured", do_sample=True,
+                            temperature=0.7, seed=0, **BASE)
+    _, stats = generate_new_tokens(tiny_model, prompts, max_new_tokens=16, do_sample=True, temperature=0.7, seed=0,
+                                   **BASE)
+    assert stats["fast_path"].startswith("off (device is cpu")
 
 
-def test_fast_path_flag_is_validated_before_compute(tiny_model):
+@pytest.mark.parametrize("bad", ["turbo", "eager", 1, 0.5])
+def test_fast_path_flag_is_validated_before_compute(tiny_model, bad):
     with pytest.raises(ValueError, match="fast_path must be one of"):
-        generate_new_tokens(tiny_model, prompts_of([20]), max_new_tokens=16, fast_path="turbo", **BASE)
+        resolve_settings(GenerationConfig(fast_path=bad, max_new_tokens=8), tiny_model.generation_config,
+                         tiny_model.config, num_layers=4)
 
 
-def test_unsupported_model_falls_back(tiny_model):
-    from dllm_generation.fast_path import _unsupported_layer_reason
-
+def test_unsupported_model_is_refused_with_a_reason(tiny_model):
     runner = LayerStackRunner(tiny_model)
-    assert _unsupported_layer_reason(runner) is None
+    assert unsupported_layer_reason(runner) is None
     runner.model.config._attn_implementation = "flex_attention"
     try:
-        assert "attention implementation" in _unsupported_layer_reason(runner)
+        assert "attention implementation" in unsupported_layer_reason(runner)
     finally:
         runner.model.config._attn_implementation = "sdpa"
 
@@ -137,8 +189,8 @@ def test_engine_does_not_keep_the_model_alive(tiny_path):
     from dllm_generation import load_model
 
     model, _ = load_model(tiny_path, dtype=torch.float32)
-    generate_new_tokens(model, prompts_of([20]), max_new_tokens=16, fast_path="eager", **BASE)
-    assert model in _ENGINES
+    generate_new_tokens(model, prompts_of([20]), max_new_tokens=16, fast_path="uncaptured", **BASE)
+    assert graphed_engine_of(model) is not None
     ref = weakref.ref(model)
     del model
     gc.collect()

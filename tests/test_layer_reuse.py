@@ -14,6 +14,7 @@ from transformers import GenerationConfig
 from dllm_generation import BlockDiffusionCache, LayerReuseConfig
 from dllm_generation.config import resolve_settings
 from dllm_generation.decoding import BlockDiffusionDecoder
+from dllm_generation.engines.plan import ForwardKind, layer_actions
 from dllm_generation.runner import LayerStackRunner, ReusePlan
 from dllm_generation.testing import random_prompts
 
@@ -217,10 +218,10 @@ def test_reuse_entries_are_trimmed_with_finished_rows(tiny_model):
                                 num_layers=runner.num_layers)
     decoder = BlockDiffusionDecoder(runner, settings)
     seen_rows = []
-    inner = decoder._forward
+    inner = decoder.engine.denoise
 
-    def checked_forward(*args, **kwargs):
-        cache: BlockDiffusionCache = decoder.cache
+    def checked_denoise(*args, **kwargs):
+        cache: BlockDiffusionCache = decoder.engine.cache
         for layer in cache.layers:
             assert layer.keys is None or layer.keys.shape[0] == cache.num_rows
             assert layer.reuse_output is None or (
@@ -228,10 +229,10 @@ def test_reuse_entries_are_trimmed_with_finished_rows(tiny_model):
         seen_rows.append(cache.num_rows)
         return inner(*args, **kwargs)
 
-    decoder._forward = checked_forward
+    decoder.engine.denoise = checked_denoise
     decoder.decode(prompts)
     assert seen_rows[0] == len(prompts) and min(seen_rows) < len(prompts)
-    assert set(decoder.cache.reuse_entry_rows.values()) == {decoder.cache.num_rows}
+    assert set(decoder.engine.cache.reuse_entry_rows.values()) == {decoder.engine.cache.num_rows}
 
 
 def _one_block_forward(model, tokens, cache, plan):
@@ -249,11 +250,11 @@ def test_residual_mode_lets_fresh_tokens_through_reused_layers(tiny_model, mode)
     tokens = torch.tensor([prompts_of([8], seed=4)[0] + [TINY_MASK] * 24])
     cache = BlockDiffusionCache(4, 1, 32, 32)
     tags, offsets = torch.tensor([0]), torch.tensor([0])
-    plan = ReusePlan(layers, recall=False, residual=mode == "residual", tags=tags, offsets=offsets)
+    plan = ReusePlan(layer_actions(4, layers, compute=True), residual=mode == "residual", tags=tags, offsets=offsets)
     stored = _one_block_forward(tiny_model, tokens, cache, plan)
     fresh = tokens.clone()
     fresh[0, 10] = 17  # a token unmasked since the store
-    plan = ReusePlan(layers, recall=True, residual=mode == "residual", tags=tags, offsets=offsets)
+    plan = ReusePlan(layer_actions(4, layers, compute=False), residual=mode == "residual", tags=tags, offsets=offsets)
     recalled = _one_block_forward(tiny_model, fresh, cache, plan)
     if mode == "output":
         assert torch.equal(recalled, stored)  # the new token cannot influence anything after layer 0
@@ -282,9 +283,9 @@ def test_recall_falls_back_to_compute_when_the_entry_does_not_cover_the_request(
     settings = resolve_settings(GenerationConfig(max_new_tokens=32, layer_reuse=LayerReuseConfig(k=2, layers=[1])),
                                 tiny_model.generation_config, tiny_model.config, num_layers=runner.num_layers)
     decoder = BlockDiffusionDecoder(runner, settings)
-    decoder.cache = cache
-    plans = {0: ("sub", False), 1: ("block", False)}
+    decoder.engine.cache = cache
+    plans = {0: (ForwardKind.SUB, False), 1: (ForwardKind.BLOCK, False)}
     # Row 0: serial for (block 0, sub 1) is 1; make the stored tags match row 0 only.
     cache.layers[1].reuse_tag[:] = torch.tensor([1, 2])
-    decoder._compute_where_uncovered(plans, [1, 2], 0, 8, torch.device("cpu"))
-    assert plans == {0: ("sub", False), 1: ("block", True)}
+    decoder._compute_where_uncovered(plans, [1, 2], 0)
+    assert plans == {0: (ForwardKind.SUB, False), 1: (ForwardKind.BLOCK, True)}

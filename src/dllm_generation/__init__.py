@@ -4,7 +4,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .cache import BlockDiffusionCache
 from .config import LayerReuseConfig
-from .fast_path import release
+from .engines import release
 from .generation import BlockDiffusionGenerateOutput, BlockDiffusionGenerationMixin
 from .loading import (
     BlockDiffusionLlamaForCausalLM,

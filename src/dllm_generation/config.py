@@ -12,6 +12,7 @@ import json
 import logging
 import math
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -33,9 +34,29 @@ DIFFUSION_DEFAULTS = {
     "use_block_cache": True,
     "layer_reuse": None,
     "mask_token_id": None,
-    # None/True: the static-buffer CUDA-graph fast path where it applies (fast_path.py); False: off.
+    # None/True: the graphed engine where it can serve the call, else the eager one; False: the
+    # eager engine; or an explicit `FastPath` mode (see engines/selection.py).
     "fast_path": None,
 }
+
+
+class FastPath(str, Enum):
+    """Explicit `fast_path` modes: the graphed engine, captured, captured with torch.compile, or
+    its passes run without capture (any device)."""
+
+    GRAPHS = "graphs"
+    COMPILE = "compile"
+    UNCAPTURED = "uncaptured"
+
+
+FAST_PATH_VALUES = (None, True, False, *(mode.value for mode in FastPath))
+
+
+def validate_fast_path(value) -> None:
+    if isinstance(value, FastPath):
+        value = value.value
+    if value not in FAST_PATH_VALUES or (isinstance(value, int) and not isinstance(value, bool)):
+        raise ValueError(f"fast_path must be one of {list(FAST_PATH_VALUES)}, got {value!r}")
 
 SIZE_RULE = (
     "an integer >= 1 (that many layers) or a float in (0, 1) (that share of the model's layers, "
@@ -242,6 +263,7 @@ class DiffusionSettings:
     top_p: float
     layer_reuse: LayerReuseConfig | None
     reuse_layers: tuple[int, ...] = field(default=())
+    fast_path: bool | str | None = None
 
     @property
     def sub_blocks_per_block(self) -> int:
@@ -335,6 +357,11 @@ def resolve_settings(
     if nrs not in (None, 1):
         raise ValueError(f"num_return_sequences must be 1 for block-diffusion decoding, got {nrs}")
 
+    fast_path = _first_set(getattr(call_config, "fast_path", None), getattr(model_config_defaults, "fast_path", None))
+    validate_fast_path(fast_path)
+    if isinstance(fast_path, FastPath):
+        fast_path = fast_path.value
+
     reuse = LayerReuseConfig.coerce(_first_set(getattr(call_config, "layer_reuse", None),
                                                getattr(model_config_defaults, "layer_reuse", None)))
     reuse_layers = reuse.resolve_layers(num_layers) if reuse is not None else ()
@@ -352,4 +379,5 @@ def resolve_settings(
         top_p=top_p,
         layer_reuse=reuse,
         reuse_layers=reuse_layers,
+        fast_path=fast_path,
     )

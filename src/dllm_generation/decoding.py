@@ -5,10 +5,12 @@ whole blocks go to the prefix (prefilled with the block-causal pattern); the tai
 generation block with masks. Rows are aligned by left-padding whole blocks, so all rows share the
 cache's prefix length and block slot; padding keys are masked out and positions are per row.
 
-Every decision is per row: which sub-block it is in, whether it forwards the whole block or only
-its sub-block (block-cache fast path), whether its layer-reuse step computes or recalls. Rows that
+Every decision is per row and taken here: which sub-block it is in, whether it forwards the whole
+block or only its sub-block (block cache), whether its layer-reuse step computes or recalls. A step
+is expressed as a `StepPlan` (engines/plan.py) that an engine executes: the eager engine calls
+transformers' layers, the graphed engine replays CUDA graphs; neither decides anything. Rows that
 need the same kind of forward share one batched forward; a row never changes because of another
-row in its batch.
+row in its batch. Counters and traces are kept here, from the plans.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ from typing import Callable
 
 import torch
 
-from .cache import BlockDiffusionCache
 from .config import DiffusionSettings
+from .engines.base import Engine
+from .engines.eager import EagerEngine
+from .engines.plan import ForwardKind, ForwardPlan, LayerAction, StepPlan, layer_actions, reuse_span
 from .reuse_policy import ReuseSchedule, RowReuseState
-from .runner import LayerStackRunner, ReusePlan
-from .sampling import choose_tokens
+from .runner import LayerStackRunner
 
 
 @dataclass
@@ -89,54 +92,53 @@ def plan_layout(lengths: list[int], block_size: int, max_new_tokens: int) -> Row
 class BlockDiffusionDecoder:
     """Decodes a batch of unpadded prompts; see the module docstring."""
 
-    def __init__(self, runner: LayerStackRunner, settings: DiffusionSettings, *,
+    def __init__(self, runner: LayerStackRunner, settings: DiffusionSettings, *, engine: Engine | None = None,
                  generator: torch.Generator | None = None,
-                 on_block: Callable[[int, list[int]], None] | None = None, trace: bool = False,
-                 fast_path=None):
+                 on_block: Callable[[int, list[int]], None] | None = None, trace: bool = False):
         self.runner = runner
-        # Optional `fast_path.FastPathEngine`: runs the denoise/commit forwards (same decisions).
-        self.fast = fast_path
+        self.settings = settings
+        self.engine = engine if engine is not None else EagerEngine(runner, settings, generator=generator)
         # Optional per-forward record (tests replay the algorithm from it): one dict per forward.
         self.trace: list[dict] | None = [] if trace else None
-        self._row_ids: list[int] = []
-        self.s = settings
-        self.generator = generator
         self.on_block = on_block
-        self.stats = DecodeStats()
+        self.stats = DecodeStats(layer_runs=[0] * runner.num_layers, layer_skips=[0] * runner.num_layers)
         self.reuse_layers = frozenset(settings.reuse_layers) if settings.layer_reuse is not None else frozenset()
         self.schedule = (ReuseSchedule(settings.layer_reuse, settings.small_block_size)
                          if settings.layer_reuse is not None else None)
-        self.residual = settings.layer_reuse is not None and settings.layer_reuse.mode == "residual"
-        dev = runner.device
-        self.eos = torch.tensor(settings.eos_token_ids or [-1], device=dev)
+        self.stop_ids = torch.tensor(settings.eos_token_ids or [-1], device=runner.device)
 
-    # -- helpers ----------------------------------------------------------------------------
-    def _forward(self, kind, tokens, positions, allowed, rows, row_index, *, offsets=None,
-                 uniform_offset=None, plan=None):
-        self.cache.begin_forward(kind, rows=rows, row_index=row_index, offsets=offsets, uniform_offset=uniform_offset)
-        hidden = self.runner.hidden_states(tokens, positions, allowed, self.cache, plan)
+    # -- counters -------------------------------------------------------------------------------
+    def _count_full_forward(self, kind: str) -> None:
         self.stats.forwards += 1
-        return hidden
+        setattr(self.stats, kind, getattr(self.stats, kind) + 1)
+        for i in range(self.runner.num_layers):
+            self.stats.layer_runs[i] += 1
 
-    def _key_allowed(self, pad: torch.Tensor, kv_len: int) -> torch.Tensor:
-        """[R, 1, 1, kv]: every non-padding key is visible (block queries see the whole block)."""
-        keys = torch.arange(kv_len, device=pad.device)
-        return (keys[None, :] >= pad[:, None])[:, None, None, :]
+    def _count_step(self, step: StepPlan) -> None:
+        for plan in step:
+            self.stats.forwards += 1
+            if plan.kind is ForwardKind.BLOCK:
+                self.stats.block_forwards += 1
+            else:
+                self.stats.sub_block_forwards += 1
+            for i, action in enumerate(plan.actions):
+                if action is LayerAction.RECALL:
+                    self.stats.layer_skips[i] += 1
+                else:
+                    self.stats.layer_runs[i] += 1
+        self.stats.denoising_steps += 1
 
     # -- main loop --------------------------------------------------------------------------
     @torch.no_grad()
     def decode(self, prompts: list[list[int]]) -> list[list[int]]:
         start_time = time.perf_counter()
-        s, runner, dev = self.s, self.runner, self.runner.device
+        s, engine, dev = self.settings, self.engine, self.runner.device
         bs = s.block_size
         lengths = [len(p) for p in prompts]
         layout = plan_layout(lengths, bs, s.max_new_tokens)
         batch = len(prompts)
         prefix_len0 = layout.prefix_blocks * bs
-        if self.fast is not None:
-            self.cache = self.fast.make_cache(runner.num_layers, batch, layout.capacity_blocks * bs, bs, self.reuse_layers)
-        else:
-            self.cache = BlockDiffusionCache(runner.num_layers, batch, layout.capacity_blocks * bs, bs)
+        engine.start(batch, layout.capacity_blocks * bs)
 
         pad = torch.tensor([(layout.prefix_blocks - f) * bs for f in layout.full_blocks], device=dev)
         block = torch.full((batch, bs), s.mask_token_id, dtype=torch.long, device=dev)
@@ -155,15 +157,15 @@ class BlockDiffusionDecoder:
         outputs: list[list[int] | None] = [None] * batch
 
         if prefix_len0 > 0:
-            first = self._prefill(prefix_tokens, pad)
+            first = engine.prefill(prefix_tokens, pad)
+            self._count_full_forward("prefill_forwards")
             needs_first = torch.tensor([t == 0 for t in layout.tails], device=dev)
             block[:, 0] = torch.where(needs_first, first, block[:, 0])
-            finished |= needs_first & torch.isin(first, self.eos)
+            finished |= needs_first & torch.isin(first, self.stop_ids)
 
         block_serial = 0
         while True:
-            self._row_ids = row_ids
-            self._decode_block(block, pad, finished, block_serial)
+            self._decode_block(block, pad, finished, block_serial, row_ids)
             block_serial += 1
             # Collect this block's new tokens and decide who leaves the batch.
             block_list, fixed_list = block.tolist(), fixed.tolist()
@@ -182,69 +184,38 @@ class BlockDiffusionDecoder:
                 break
             if len(keep) < len(row_ids):
                 keep_t = torch.tensor(keep, device=dev)
-                self.cache.batch_select_indices(keep_t)
+                engine.keep_rows(keep_t)
                 block, pad, finished = block[keep_t], pad[keep_t], finished[keep_t]
                 row_ids = [row_ids[r] for r in keep]
-            next_first = self._commit(block, pad)
+            next_first = engine.commit(block, pad)
+            self._count_full_forward("commit_forwards")
             block = torch.full_like(block, s.mask_token_id)
             block[:, 0] = next_first
             fixed = torch.zeros_like(fixed[: len(row_ids)])
-            finished = torch.isin(next_first, self.eos)
+            finished = torch.isin(next_first, self.stop_ids)
 
-        self.stats.layer_runs = list(runner.layer_runs)
-        self.stats.layer_skips = list(runner.layer_skips)
         self.stats.generated_tokens = sum(self._count_real(o) for o in outputs)
         self.stats.wall_seconds = time.perf_counter() - start_time
         return outputs  # type: ignore[return-value]
 
     def _finalise(self, tokens: list[int]) -> list[int]:
         """Cut to max_new_tokens; everything after the first stop token becomes pad."""
-        tokens = tokens[: self.s.max_new_tokens]
-        stops = set(self.s.eos_token_ids)
+        tokens = tokens[: self.settings.max_new_tokens]
+        stops = set(self.settings.eos_token_ids)
         for i, tok in enumerate(tokens):
             if tok in stops:
-                return tokens[: i + 1] + [self.s.pad_token_id] * (len(tokens) - i - 1)
+                return tokens[: i + 1] + [self.settings.pad_token_id] * (len(tokens) - i - 1)
         return tokens
 
     def _count_real(self, tokens: list[int]) -> int:
-        stops = set(self.s.eos_token_ids)
+        stops = set(self.settings.eos_token_ids)
         for i, tok in enumerate(tokens):
             if tok in stops:
                 return i + 1
         return len(tokens)
 
-    def _greedy(self, hidden: torch.Tensor) -> torch.Tensor:
-        return choose_tokens(self.runner.logits(hidden), mask_token_id=self.s.mask_token_id)[0]
-
-    def _prefill(self, prefix_tokens: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
-        """Block-causal forward over the prompts' whole blocks; returns the greedy next token."""
-        bs, dev = self.s.block_size, prefix_tokens.device
-        n = prefix_tokens.shape[1]
-        slots = torch.arange(n, device=dev)
-        block_causal = (slots[None, :] // bs) <= (slots[:, None] // bs)  # [q, kv]
-        allowed = block_causal[None] & (slots[None, None, :] >= pad[:, None, None])
-        allowed = (allowed | torch.eye(n, dtype=torch.bool, device=dev)[None])[:, None]  # padding queries see themselves
-        positions = (slots[None, :] - pad[:, None]).clamp(min=0)
-        rows = torch.arange(prefix_tokens.shape[0], device=dev)
-        hidden = self._forward("append", prefix_tokens, positions, allowed, None, rows)
-        self.cache.advance(n)
-        self.stats.prefill_forwards += 1
-        return self._greedy(hidden[:, -1])
-
-    def _commit(self, block: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
-        """Forward the clean block into the prefix; its last logits give the next block's first token."""
-        if self.fast is not None:
-            return self.fast.commit(self, block, pad)
-        bs, dev, p = self.s.block_size, block.device, self.cache.prefix_len
-        positions = (p - pad)[:, None] + torch.arange(bs, device=dev)
-        rows = torch.arange(block.shape[0], device=dev)
-        hidden = self._forward("append", block, positions, self._key_allowed(pad, p + bs), None, rows)
-        self.cache.advance(bs)
-        self.stats.commit_forwards += 1
-        return self._greedy(hidden[:, -1])
-
-    def _decode_block(self, block, pad, finished, block_serial):
-        s, dev = self.s, block.device
+    def _decode_block(self, block, pad, finished, block_serial, row_ids):
+        s = self.settings
         bs, sbs = s.block_size, s.small_block_size
         nsb = bs // sbs
         n_rows = block.shape[0]
@@ -254,13 +225,11 @@ class BlockDiffusionDecoder:
         sub_idx = [0] * n_rows
         reuse_state = [RowReuseState() for _ in range(n_rows)]
         ready = [False] * n_rows  # the row's block K/V were computed by a whole-block forward
-        ar_sub = torch.arange(sbs, device=dev)
-        prefix = self.cache.prefix_len
         while True:
             masked = block == s.mask_token_id
             masked_count = masked.view(n_rows, nsb, sbs).sum(-1).tolist()  # per row and sub-block
             first_masked = masked[:, ::sbs].tolist()
-            plans = {}
+            decisions = {}
             for r in range(n_rows):
                 if stopped[r]:
                     continue
@@ -271,103 +240,63 @@ class BlockDiffusionDecoder:
                     continue
                 if cur != sub_idx[r]:
                     sub_idx[r], reuse_state[r] = cur, RowReuseState()
-                kind = "sub" if (s.use_block_cache and ready[r] and not first_masked[r][cur]) else "block"
+                use_sub = s.use_block_cache and ready[r] and not first_masked[r][cur]
+                kind = ForwardKind.SUB if use_sub else ForwardKind.BLOCK
                 compute = self.schedule is None or self.schedule.computes(reuse_state[r], masked_count[r][cur])
-                plans[r] = (kind, compute)
-            if not plans:
+                decisions[r] = (kind, compute)
+            if not decisions:
                 return
             if self.reuse_layers:
-                self._compute_where_uncovered(plans, sub_idx, block_serial, sbs, dev)
-            groups = defaultdict(list)
-            for r, key in plans.items():
-                groups[key].append(r)
-            if self.fast is not None:
-                self.fast.denoise(self, block, pad, finished, sorted(groups.items()), sub_idx, block_serial)
-            for (kind, compute), rows in sorted(groups.items()):
-                if self.fast is None:
-                    self._denoise(block, masked, pad, finished, rows, kind, compute, sub_idx, block_serial,
-                                  prefix, ar_sub, n_rows)
-                for r in rows:
-                    ReuseSchedule.record(reuse_state[r], compute, masked_count[r][sub_idx[r]])
-                    if kind == "block":
-                        ready[r] = True
-            self.stats.denoising_steps += 1
+                self._compute_where_uncovered(decisions, sub_idx, block_serial)
+            step = self._plan_step(decisions, sub_idx, block_serial)
+            unmasked = self.engine.denoise(step, block, pad, finished, want_unmasked=self.trace is not None)
+            if self.trace is not None:
+                self._record(step, unmasked, block_serial, row_ids)
+            self._count_step(step)
+            for r, (kind, compute) in decisions.items():
+                ReuseSchedule.record(reuse_state[r], compute, masked_count[r][sub_idx[r]])
+                if kind is ForwardKind.BLOCK:
+                    ready[r] = True
 
-    def _compute_where_uncovered(self, plans, sub_idx, block_serial, sbs, dev):
+    def _plan_step(self, decisions, sub_idx, block_serial) -> StepPlan:
+        """Group rows by (kind, compute): one `ForwardPlan` each, in that order."""
+        groups = defaultdict(list)
+        for r, key in decisions.items():
+            groups[key].append(r)
+        num_layers = self.runner.num_layers
+        return tuple(
+            ForwardPlan(kind=kind, rows=tuple(rows), subs=tuple(sub_idx[r] for r in rows),
+                        actions=layer_actions(num_layers, self.reuse_layers, compute),
+                        tags=tuple(self._tag(block_serial, sub_idx[r]) for r in rows))
+            for (kind, compute), rows in sorted(groups.items(), key=lambda item: (item[0][0].value, item[0][1]))
+        )
+
+    def _record(self, step: StepPlan, unmasked, block_serial, row_ids) -> None:
+        sbs = self.settings.small_block_size
+        for plan, mask in zip(step, unmasked):
+            starts = plan.sub_starts(sbs)
+            slots = [[o + j for j, u in enumerate(row) if u] for o, row in zip(starts, mask.tolist())]
+            self.trace.append({"step": self.stats.denoising_steps, "block": block_serial,
+                               "rows": [row_ids[r] for r in plan.rows], "kind": plan.kind.value,
+                               "compute": not plan.recalls, "sub": list(plan.subs),
+                               "tokens": plan.token_count(self.settings.block_size, sbs), "unmasked": slots})
+
+    def _compute_where_uncovered(self, decisions, sub_idx, block_serial):
         """A recall needs a stored entry for this sub-block covering the requested slots."""
-        recall_rows = [r for r, (_, c) in plans.items() if not c]
+        recall_rows = [r for r, (_, c) in decisions.items() if not c]
         if not recall_rows:
             return
-        entry = self.cache.layers[min(self.reuse_layers)]
+        s, dev = self.settings, self.runner.device
         rows_t = torch.tensor(recall_rows, device=dev)
         tags = torch.tensor([self._tag(block_serial, sub_idx[r]) for r in recall_rows], device=dev)
-        spans = [self._reuse_span(plans[r][0], sub_idx[r]) for r in recall_rows]
+        spans = [reuse_span(decisions[r][0], sub_idx[r], s.block_size, s.small_block_size) for r in recall_rows]
         start = torch.tensor([lo for lo, _ in spans], device=dev)
         end = torch.tensor([hi for _, hi in spans], device=dev)
-        covered = entry.reuse_covers(rows_t, tags, start, end).tolist()
+        covered = self.engine.reuse_covers(min(self.reuse_layers), rows_t, tags, start, end).tolist()
         for r, ok in zip(recall_rows, covered):
             if not ok:
-                plans[r] = (plans[r][0], True)
+                decisions[r] = (decisions[r][0], True)
 
     def _tag(self, block_serial: int, sub: int) -> int:
         """The serial of a sub-block: reuse entries are valid only for the one they were stored in."""
-        return block_serial * (self.s.block_size // self.s.small_block_size) + sub
-
-    def _reuse_span(self, kind: str, sub: int) -> tuple[int, int]:
-        """Block slots a forward of `kind` feeds (and a reuse entry stored by it covers)."""
-        if kind == "block":
-            return 0, self.s.block_size
-        return sub * self.s.small_block_size, (sub + 1) * self.s.small_block_size
-
-    def _denoise(self, block, masked, pad, finished, rows, kind, compute, sub_idx, block_serial, prefix,
-                 ar_sub, n_rows):
-        s, dev = self.s, block.device
-        bs, sbs = s.block_size, s.small_block_size
-        rows_t = torch.tensor(rows, device=dev)
-        all_rows = len(rows) == n_rows
-        subset = None if all_rows else rows_t
-        sub_starts = [sub_idx[r] * sbs for r in rows]
-        offs = torch.tensor(sub_starts, device=dev)
-        uniform = sub_starts[0] if all(o == sub_starts[0] for o in sub_starts) else None
-        base = prefix - pad[rows_t]
-        if kind == "block":
-            tokens = block[rows_t]
-            positions = base[:, None] + torch.arange(bs, device=dev)
-            # Shifted logits: slot i is predicted at slot i-1 (slot 0 is never masked).
-            pick = (offs[:, None] - 1 + ar_sub).clamp(min=0)
-            reuse_offsets = torch.zeros_like(offs)
-        else:
-            slots = offs[:, None] + ar_sub
-            tokens = block[rows_t].gather(1, slots)
-            positions = base[:, None] + slots
-            pick = (ar_sub - 1).clamp(min=0).expand(len(rows), sbs)
-            reuse_offsets = offs
-        plan = None
-        if self.reuse_layers:
-            tags = torch.tensor([self._tag(block_serial, sub_idx[r]) for r in rows], device=dev)
-            plan = ReusePlan(self.reuse_layers, recall=not compute, residual=self.residual,
-                             tags=tags, offsets=reuse_offsets)
-        hidden = self._forward(kind, tokens, positions, self._key_allowed(pad[rows_t], prefix + bs), subset, rows_t,
-                               offsets=offs, uniform_offset=uniform, plan=plan)
-        if kind == "block":
-            self.stats.block_forwards += 1
-        else:
-            self.stats.sub_block_forwards += 1
-        picked = hidden.gather(1, pick[..., None].expand(-1, -1, hidden.shape[-1]))
-        logits = self.runner.logits(picked)
-        tok, conf = choose_tokens(logits, temperature=s.temperature, top_p=s.top_p, generator=self.generator,
-                                  mask_token_id=s.mask_token_id)
-        slots = offs[:, None] + ar_sub
-        current = block[rows_t].gather(1, slots)
-        is_masked = masked[rows_t].gather(1, slots)
-        conf = torch.where(is_masked, conf, torch.full_like(conf, -math.inf))
-        unmask = conf > s.threshold
-        unmask[torch.arange(len(rows), device=dev), conf.argmax(dim=-1)] = True
-        unmask &= is_masked
-        block[rows_t[:, None], slots] = torch.where(unmask, tok, current)
-        finished[rows_t] |= (unmask & torch.isin(tok, self.eos)).any(dim=-1)
-        if self.trace is not None:
-            unmasked = [[o + j for j, u in enumerate(row) if u] for o, row in zip(sub_starts, unmask.tolist())]
-            self.trace.append({"block": block_serial, "rows": [self._row_ids[r] for r in rows], "kind": kind,
-                               "compute": compute, "sub": [sub_idx[r] for r in rows], "tokens": tokens.shape[1],
-                               "unmasked": unmasked})
+        return block_serial * self.settings.sub_blocks_per_block + sub

@@ -25,7 +25,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .config import DIFFUSION_DEFAULTS, resolve_settings
 from .decoding import BlockDiffusionDecoder, plan_layout
-from .fast_path import select_fast_path
+from .engines.selection import select_engine
 from .runner import LayerStackRunner
 
 
@@ -192,16 +192,16 @@ class BlockDiffusionGenerationMixin:
                 if out:
                     streamer.put(torch.tensor(out))
 
-        fast, fast_desc = select_fast_path(self, runner, settings, getattr(call_config, "fast_path", None),
-                                           batch=len(prompts), capacity=layout.capacity_blocks * settings.block_size)
-        decoder = BlockDiffusionDecoder(runner, settings, generator=generator, on_block=on_block, fast_path=fast)
+        engine, fallback = select_engine(self, runner, settings, batch=len(prompts),
+                                         capacity=layout.capacity_blocks * settings.block_size, generator=generator)
+        decoder = BlockDiffusionDecoder(runner, settings, engine=engine, on_block=on_block)
         outputs = decoder.decode(prompts)
         if streamer is not None:
             streamer.end()
         stats = decoder.stats.as_dict()
         stats["reuse_layers"] = list(settings.reuse_layers)
         stats["batch_size"] = len(prompts)
-        stats["fast_path"] = fast.describe() if fast is not None else fast_desc
+        stats["fast_path"] = fallback if fallback is not None else engine.describe()
         self.last_generation_stats = stats
 
         width = max(len(o) for o in outputs)

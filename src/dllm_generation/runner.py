@@ -13,13 +13,14 @@ from dataclasses import dataclass
 
 import torch
 
+from .engines.plan import LayerAction
+
 
 @dataclass
 class ReusePlan:
-    """What the target layers do in one forward: compute-and-store, or recall."""
+    """What each layer does in one forward (run, run and store, recall) and where entries go."""
 
-    layers: frozenset[int]
-    recall: bool
+    actions: tuple[LayerAction, ...]
     residual: bool
     tags: torch.Tensor  # sub-block serial per row of the forward
     offsets: torch.Tensor  # first block slot of the forward's tokens, per row
@@ -72,20 +73,17 @@ class LayerStackRunner:
         mask = self.to_attention_mask(allowed)
         kwargs = {self.cache_kwarg: cache}
         for i, layer in enumerate(self.layers):
-            if plan is not None and i in plan.layers:
-                entry = cache.layers[i]
-                if plan.recall:
-                    # Reuse step: the layer is not called at all.
-                    hidden = entry.recall_reuse(hidden, plan.offsets, plan.residual)
-                    self.layer_skips[i] += 1
-                    continue
-                out = layer(hidden, attention_mask=mask, position_ids=positions, position_embeddings=pos_emb, **kwargs)
-                out = out[0] if isinstance(out, tuple) else out
-                entry.store_reuse(hidden, out, plan.tags, plan.offsets)
-                hidden = out
-            else:
-                out = layer(hidden, attention_mask=mask, position_ids=positions, position_embeddings=pos_emb, **kwargs)
-                hidden = out[0] if isinstance(out, tuple) else out
+            action = plan.actions[i] if plan is not None else LayerAction.RUN
+            if action is LayerAction.RECALL:
+                # Reuse step: the layer is not called at all.
+                hidden = cache.layers[i].recall_reuse(hidden, plan.offsets, plan.residual)
+                self.layer_skips[i] += 1
+                continue
+            out = layer(hidden, attention_mask=mask, position_ids=positions, position_embeddings=pos_emb, **kwargs)
+            out = out[0] if isinstance(out, tuple) else out
+            if action is LayerAction.STORE:
+                cache.layers[i].store_reuse(hidden, out, plan.tags, plan.offsets)
+            hidden = out
             self.layer_runs[i] += 1
         return self.norm(hidden)
 

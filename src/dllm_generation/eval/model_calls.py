@@ -212,7 +212,7 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], generation_config
 def fast_path_label(reported) -> str | None:
     """What `generate` says decoded the batch (`stats["fast_path"]`), as one string.
 
-    "graphs" / "compile" / "eager" when the fast path ran (with what fell back inside it), or the
+    "graphs" / "compile" / "uncaptured" when the graphed engine ran (with what fell back inside it), or the
     plain path's "off (reason)".
     """
     if reported is None or isinstance(reported, str):
@@ -221,7 +221,7 @@ def fast_path_label(reported) -> str | None:
     if reported.get("compile_failure"):
         label += " (torch.compile failed: uncompiled layers)"
     if reported.get("graph_failure"):
-        label += " (graph capture failed: eager passes)"
+        label += " (graph capture failed: uncaptured passes)"
     return label
 
 

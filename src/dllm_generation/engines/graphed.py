@@ -1,0 +1,568 @@
+"""The graphed engine: static buffers, one packed pass per step and layer actions, CUDA graphs.
+
+The eager engine calls transformers' decoder layers for every forward; at batch 1 a 7B forward
+is then bound by ~1,500 kernel launches, not by the GPU. This engine executes the same plans with
+the same modules, but:
+
+* **static storage** (`StaticStore`): K/V, layer-reuse entries and every per-step input live in
+  buffers allocated once per model and written in place through index tensors, so a captured CUDA
+  graph stays valid for every later step and every later `generate` call of the same shape;
+* **one pass per step and layer actions**: the rows of a step's whole-block forward and of its
+  sub-block forward are packed into one token batch for every matrix product (one read of the
+  weights); attention runs per group. Its packed attention is this engine's own code; everything
+  else is the model's modules (`input_layernorm`, the projections, `mlp`, ...) and transformers'
+  `apply_rotary_pos_emb`;
+* **fixed shapes**: a pass attends over the whole static capacity with a per-row key-range mask,
+  so its shapes depend only on (block rows, sub-block rows, layer actions), not on the prefix;
+* **CUDA graphs**: each pass shape is captured once (after one uncaptured run that does the real
+  work) and replayed; token choice and the unmask rule (`rules.py`, the eager engine's own) are
+  part of the graph, so a step costs one small host->device copy, one replay and the copies back;
+* optionally (`fast_path="compile"`) `torch.compile` fuses each layer's element-wise work.
+
+In float32 on the CPU (`fast_path="uncaptured"`: the same passes without graphs) it reproduces
+the eager engine token for token, with identical counters and traces.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..cache import BlockDiffusionCache
+from ..sampling import choose_tokens
+from .base import Engine
+from .plan import ForwardKind, LayerAction, StepPlan, reuse_span
+from .rules import unmask_confident
+
+logger = logging.getLogger(__name__)
+
+MAX_GRAPHS = 512  # captured passes kept per model; the least recently replayed one is dropped beyond
+MAX_STOP_IDS = 16
+
+
+class PassMode:
+    """How the reuse layers of a pass behave (every reuse layer does the same in one pass)."""
+
+    NONE = "none"
+    STORE = "store"
+    RECALL = "recall"
+
+
+# ---------------------------------------------------------------------------------------------
+# Static storage
+# ---------------------------------------------------------------------------------------------
+class StaticStore:
+    """Every tensor a pass reads or writes, at fixed addresses (graphs replay against them)."""
+
+    def __init__(self, *, num_layers, rows, capacity, block_size, small_block_size, kv_heads, head_dim,
+                 hidden, dtype, device):
+        self.rows, self.capacity = rows, capacity
+        self.block_size, self.small_block_size = block_size, small_block_size
+        self.hidden, self.dtype, self.device = hidden, dtype, device
+        kv_shape = (rows, kv_heads, capacity, head_dim)
+        self.keys = [torch.zeros(kv_shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(kv_shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.reuse: dict[int, dict[str, torch.Tensor]] = {}
+        self.reuse_meta: dict[str, torch.Tensor] | None = None
+        t_max = rows * block_size
+        # Integer inputs of a pass, one buffer so that one copy fills them.
+        self.layout = {"rows_T": t_max, "bslot_T": t_max, "rows_b": rows, "rows_s": rows, "rows_R": rows,
+                       "tok_start": rows, "sub_start": rows, "tags": rows, "start": rows, "end": rows, "P": 1}
+        size = sum(self.layout.values())
+        self.meta = torch.zeros(size, dtype=torch.long, device=device)
+        self.fields: dict[str, torch.Tensor] = {}
+        at = 0
+        for name, n in self.layout.items():
+            self.fields[name] = self.meta[at: at + n]
+            at += n
+        self.block = torch.zeros(rows, block_size, dtype=torch.long, device=device)
+        self.pad = torch.zeros(rows, dtype=torch.long, device=device)
+        self.finished = torch.zeros(rows, dtype=torch.bool, device=device)
+        self.out_tok = torch.zeros(rows, dtype=torch.long, device=device)
+        self.unmask = torch.zeros(rows, small_block_size, dtype=torch.bool, device=device)
+        self.ar_cap = torch.arange(capacity, device=device)
+        self.ar_sub = torch.arange(small_block_size, device=device)
+        self.stop_ids = torch.full((MAX_STOP_IDS,), -1, dtype=torch.long, device=device)
+        self.stop_values: tuple[int, ...] | None = None
+        pin = device.type == "cuda"
+        # A ring of pinned staging buffers: a slot is reused only after its copy has completed.
+        self.staging = [torch.zeros(size, dtype=torch.long, pin_memory=pin) for _ in range(4)]
+        self.staging_events: list = [None] * len(self.staging)
+        self.staging_next = 0
+
+    def fits(self, rows, capacity, block_size, small_block_size, dtype, device) -> bool:
+        return (rows <= self.rows and capacity <= self.capacity and block_size == self.block_size
+                and small_block_size == self.small_block_size and dtype == self.dtype and device == self.device)
+
+    def reuse_entry(self, layer: int) -> dict[str, torch.Tensor]:
+        entry = self.reuse.get(layer)
+        if entry is None:
+            if self.reuse_meta is None:
+                # Every target layer stores in the same passes with the same rows, tags and slots,
+                # so one tag/start/end serves them all (one write per pass instead of one per layer).
+                self.reuse_meta = {
+                    "reuse_tag": torch.full((self.rows,), -1, dtype=torch.long, device=self.device),
+                    "reuse_start": torch.zeros(self.rows, dtype=torch.long, device=self.device),
+                    "reuse_end": torch.zeros(self.rows, dtype=torch.long, device=self.device),
+                }
+            shape = (self.rows, self.block_size, self.hidden)
+            entry = {
+                "reuse_output": torch.zeros(shape, dtype=self.dtype, device=self.device),
+                "reuse_input": torch.zeros(shape, dtype=self.dtype, device=self.device),
+                **self.reuse_meta,
+            }
+            self.reuse[layer] = entry
+        return entry
+
+    def upload(self, values: dict[str, np.ndarray]) -> None:
+        """Fill the meta buffer (fields not given keep stale values that the pass never reads)."""
+        i = self.staging_next
+        self.staging_next = (i + 1) % len(self.staging)
+        host = self.staging[i]
+        if self.staging_events[i] is not None:
+            self.staging_events[i].synchronize()
+        arr = host.numpy()
+        at = 0
+        for name, n in self.layout.items():
+            v = values.get(name)
+            if v is not None:
+                arr[at: at + len(v)] = v
+            at += n
+        self.meta.copy_(host, non_blocking=True)
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+            self.staging_events[i] = event
+
+    def set_stop_ids(self, stop_ids: tuple[int, ...]) -> None:
+        if self.stop_values != stop_ids:
+            self.stop_ids.copy_(torch.tensor(list(stop_ids) + [-1] * (MAX_STOP_IDS - len(stop_ids)), dtype=torch.long))
+            self.stop_values = stop_ids
+
+
+class StaticBlockDiffusionCache(BlockDiffusionCache):
+    """`BlockDiffusionCache` whose tensors are views of the static buffers.
+
+    Rows leaving the batch are compacted in place (the buffers never move), so captured graphs
+    stay valid; everything else (the prompt prefill through transformers' layers included)
+    behaves like the plain cache.
+    """
+
+    def __init__(self, store: StaticStore, num_layers, batch_size, capacity, block_size, reuse_layers):
+        super().__init__(num_layers, batch_size, capacity, block_size)
+        self.store = store
+        for i, layer in enumerate(self.layers):
+            layer.keys = store.keys[i][:batch_size, :, :capacity]
+            layer.values = store.values[i][:batch_size, :, :capacity]
+            layer.is_initialized = True
+        for i in reuse_layers:
+            entry = store.reuse_entry(i)
+            entry["reuse_tag"].fill_(-1)
+            for name, t in entry.items():
+                setattr(self.layers[i], name, t[:batch_size])
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        n = int(indices.shape[0])
+        idx = indices.to(self.store.device)
+        for i, layer in enumerate(self.layers):
+            for name, base in (("keys", self.store.keys[i]), ("values", self.store.values[i])):
+                kept = getattr(layer, name).index_select(0, idx)
+                view = base[:n, :, : self.capacity]
+                view.copy_(kept)
+                setattr(layer, name, view)
+            entry = self.store.reuse.get(i)
+            if entry is not None and layer.reuse_output is not None:
+                for name in ("reuse_output", "reuse_input"):
+                    base = entry[name]
+                    base[:n].copy_(getattr(layer, name).index_select(0, idx))
+                    setattr(layer, name, base[:n])
+        meta = self.store.reuse_meta
+        if meta is not None:
+            for name, base in meta.items():
+                base[:n].copy_(base[: self.num_rows].index_select(0, idx))
+            for layer in self.layers:
+                if layer.reuse_output is not None:
+                    for name, base in meta.items():
+                        setattr(layer, name, base[:n])
+        self.num_rows = n
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PassKey:
+    """Everything a pass's graph depends on besides the static buffers."""
+
+    rb: int  # rows forwarding their whole block
+    rs: int  # rows forwarding their current sub-block
+    mode: str  # PassMode
+    reuse_layers: tuple[int, ...]
+    residual: bool
+    commit: bool  # a block commit: greedy next token from the last slot; otherwise a denoising step
+    contiguous_b: bool  # block rows are 0..rb-1 (attend to a slice, no gather)
+    contiguous_s: bool
+    threshold: float
+    mask_id: int
+
+
+def _rotary_function(layer):
+    """transformers' `apply_rotary_pos_emb` of the layer's own modeling module."""
+    module = importlib.import_module(type(layer.self_attn).__module__)
+    return module.apply_rotary_pos_emb
+
+
+class LayerMath:
+    """One decoder layer's work around the packed attention, through the model's own modules."""
+
+    def __init__(self, rotary):
+        self.rotary = rotary
+
+    def pre_attention(self, layer, x, cos, sin, n_heads: int, n_kv: int, head_dim: int):
+        attn = layer.self_attn
+        h = layer.input_layernorm(x)
+        q = attn.q_proj(h).view(-1, n_heads, head_dim)
+        k = attn.k_proj(h).view(-1, n_kv, head_dim)
+        v = attn.v_proj(h).view(-1, n_kv, head_dim)
+        q, k = self.rotary(q, k, cos, sin, unsqueeze_dim=1)
+        return q, k, v
+
+    def post_attention(self, layer, x, attended):
+        x = x + layer.self_attn.o_proj(attended)
+        return x + layer.mlp(layer.post_attention_layernorm(x))
+
+
+class GraphedEngine(Engine):
+    """Static buffers and captured graphs of one model; see the module docstring.
+
+    One instance lives per model (`engines.selection` keeps them) and is bound to each
+    `generate` call's runner and settings.
+    """
+
+    name = "graphed"
+
+    def __init__(self, runner, settings, *, capture: bool, compile_layers: bool):
+        super().__init__(runner, settings)
+        self.capture = capture
+        self.compile_layers = compile_layers
+        self.graphs: "OrderedDict[PassKey, torch.cuda.CUDAGraph]" = OrderedDict()
+        self.pool = None
+        self.store: StaticStore | None = None
+        self.captures = 0
+        self.capture_seconds = 0.0
+        self.replays = 0
+        self.uncaptured_passes = 0
+        self.graph_failure: str | None = None
+        self.compile_failure: str | None = None
+        self.compile_checked = False
+        self.evictions = 0
+        self._runner_ref = None
+        self._bind_model(runner)
+
+    # -- model binding ---------------------------------------------------------------------
+    @property
+    def runner(self):
+        """The current call's runner. Held weakly: the engine is the value of a weak-keyed map
+        from the model, so a strong reference to the model would keep both alive forever."""
+        runner = self._runner_ref() if self._runner_ref is not None else None
+        if runner is None:
+            raise RuntimeError("graphed engine used outside a generate call")
+        return runner
+
+    @runner.setter
+    def runner(self, runner) -> None:
+        self._runner_ref = weakref.ref(runner) if runner is not None else None
+
+    def _bind_model(self, runner) -> None:
+        self.runner = runner
+        cfg = runner.model.config
+        attn = runner.layers[0].self_attn
+        self.n_heads = int(cfg.num_attention_heads)
+        self.n_kv = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+        self.head_dim = int(attn.head_dim)
+        self.scaling = float(attn.scaling)
+        self.hidden = int(cfg.hidden_size)
+        self.fingerprint = self._fingerprint(runner)
+        self.math = LayerMath(_rotary_function(runner.layers[0]))
+        self._set_layer_functions(self.compile_layers)
+
+    def _set_layer_functions(self, compiled: bool) -> None:
+        if compiled:
+            self.pre = torch.compile(self.math.pre_attention, dynamic=True, fullgraph=True)
+            self.post = torch.compile(self.math.post_attention, dynamic=True, fullgraph=True)
+        else:
+            self.pre, self.post = self.math.pre_attention, self.math.post_attention
+
+    @staticmethod
+    def _fingerprint(runner):
+        params = [runner.embed.weight, runner.lm_head.weight]
+        for layer in runner.layers:
+            params += [layer.self_attn.q_proj.weight, layer.mlp.down_proj.weight]
+        return tuple((p.data_ptr(), tuple(p.shape), p.dtype) for p in params)
+
+    def bind(self, runner, settings, generator=None) -> None:
+        """Follow a new generate call; drop graphs if any weight moved."""
+        if self._fingerprint(runner) != self.fingerprint:
+            self.reset()
+            self._bind_model(runner)
+        else:
+            self.runner = runner
+        self.settings = settings
+        self.generator = generator
+        self.stop_ids = torch.tensor(settings.eos_token_ids or [-1], device=runner.device)
+        self._call_start = (self.captures, self.capture_seconds, self.replays, self.uncaptured_passes)
+
+    def reset(self) -> None:
+        self.graphs.clear()
+        self.store = None
+        self.pool = None
+
+    def prepare(self, batch: int, capacity: int) -> None:
+        """Make sure static buffers fit this call (growing them drops captured graphs)."""
+        r, s = self.runner, self.settings
+        dev, dtype = r.device, r.dtype
+        if self.store is not None and self.store.fits(batch, capacity, s.block_size, s.small_block_size, dtype, dev):
+            return
+        rows = batch if self.store is None else max(batch, self.store.rows)
+        cap = capacity if self.store is None else max(capacity, self.store.capacity)
+        cap = -(-cap // 128) * 128
+        self.reset()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        self.store = StaticStore(num_layers=r.num_layers, rows=rows, capacity=cap, block_size=s.block_size,
+                                 small_block_size=s.small_block_size, kv_heads=self.n_kv, head_dim=self.head_dim,
+                                 hidden=self.hidden, dtype=dtype, device=dev)
+
+    def start(self, batch: int, capacity: int) -> None:
+        self.prepare(batch, capacity)
+        reuse_layers = tuple(self.settings.reuse_layers) if self.settings.layer_reuse is not None else ()
+        self.cache = StaticBlockDiffusionCache(self.store, self.runner.num_layers, batch, capacity,
+                                               self.settings.block_size, reuse_layers)
+        self.store.set_stop_ids(tuple(self.settings.eos_token_ids))
+
+    def describe(self) -> dict:
+        """Mode and this call's counters (graphs captured, replays, passes run uncaptured)."""
+        c0, s0, r0, e0 = getattr(self, "_call_start", (0, 0.0, 0, 0))
+        return {"mode": self.mode, "graphs_held": len(self.graphs), "captures": self.captures - c0,
+                "capture_seconds": round(self.capture_seconds - s0, 3), "replays": self.replays - r0,
+                "uncaptured_passes": self.uncaptured_passes - e0, "graph_failure": self.graph_failure,
+                "compile_failure": self.compile_failure, "evictions": self.evictions}
+
+    @property
+    def mode(self) -> str:
+        return "compile" if self.compile_layers else ("graphs" if self.capture else "uncaptured")
+
+    # -- one pass (the graphed region) -------------------------------------------------------
+    def _attend(self, q, keys, values, rows, contiguous: bool, mask):
+        r, n = q.shape[0], q.shape[1]
+        if contiguous:
+            k, v = keys[:r], values[:r]
+        else:
+            k, v = keys.index_select(0, rows), values.index_select(0, rows)
+        group = self.n_heads // self.n_kv
+        # Grouped-query attention without repeating K/V: the `group` query heads that share a KV
+        # head become extra query rows of that head (the mask is the same for all of them).
+        qg = q.transpose(1, 2).reshape(r, self.n_kv, group * n, self.head_dim)
+        o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=self.scaling)
+        return o.reshape(r, self.n_heads, n, self.head_dim).transpose(1, 2).reshape(r * n, self.n_heads * self.head_dim)
+
+    def _pass(self, key: PassKey) -> None:
+        st, runner = self.store, self.runner
+        bs, sbs = st.block_size, st.small_block_size
+        f = st.fields
+        rb, rs = key.rb, key.rs
+        n_rows = rb + rs
+        tb = rb * bs
+        n_tok = tb + rs * sbs
+        rows_T, bslot_T, prefix = f["rows_T"][:n_tok], f["bslot_T"][:n_tok], f["P"]
+        tokens = st.block[rows_T, bslot_T]
+        positions = prefix - st.pad[rows_T] + bslot_T
+        slot_T = prefix + bslot_T
+        x = runner.embed(tokens)
+        cos, sin = runner.rotary(x[None], positions[None])
+        cos, sin = cos[0], sin[0]
+        limit = prefix + bs
+        rows_b, rows_s = f["rows_b"][:rb], f["rows_s"][:rs]
+        ar = st.ar_cap
+        mask_b = ((ar[None, :] >= st.pad[rows_b][:, None]) & (ar[None, :] < limit))[:, None, None, :] if rb else None
+        mask_s = ((ar[None, :] >= st.pad[rows_s][:, None]) & (ar[None, :] < limit))[:, None, None, :] if rs else None
+        reuse = frozenset(key.reuse_layers)
+        rows_R = f["rows_R"][:n_rows]
+        for i, layer in enumerate(runner.layers):
+            if key.mode == PassMode.RECALL and i in reuse:
+                entry = st.reuse[i]
+                out = entry["reuse_output"][rows_T, bslot_T]
+                if key.residual:
+                    out = x + (out - entry["reuse_input"][rows_T, bslot_T])
+                x = out
+                continue
+            x_in = x
+            q, k, v = self.pre(layer, x, cos, sin, self.n_heads, self.n_kv, self.head_dim)
+            st.keys[i][rows_T, :, slot_T] = k
+            st.values[i][rows_T, :, slot_T] = v
+            parts = []
+            if rb:
+                parts.append(self._attend(q[:tb].view(rb, bs, self.n_heads, self.head_dim), st.keys[i], st.values[i],
+                                          rows_b, key.contiguous_b, mask_b))
+            if rs:
+                parts.append(self._attend(q[tb:].view(rs, sbs, self.n_heads, self.head_dim), st.keys[i], st.values[i],
+                                          rows_s, key.contiguous_s, mask_s))
+            attended = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+            x = self.post(layer, x, attended)
+            if key.mode == PassMode.STORE and i in reuse:
+                entry = st.reuse[i]
+                entry["reuse_output"][rows_T, bslot_T] = x
+                if key.residual:  # only residual recalls read the stored input
+                    entry["reuse_input"][rows_T, bslot_T] = x_in
+        if key.mode == PassMode.STORE:
+            st.reuse_meta["reuse_tag"][rows_R] = f["tags"][:n_rows]
+            st.reuse_meta["reuse_start"][rows_R] = f["start"][:n_rows]
+            st.reuse_meta["reuse_end"][rows_R] = f["end"][:n_rows]
+        if key.commit:
+            last = torch.arange(n_rows, device=x.device) * bs + bs - 1
+            st.out_tok[:n_rows].copy_(choose_tokens(runner.logits(runner.norm(x[last])), mask_token_id=key.mask_id)[0])
+            return
+        # Which packed hidden state predicts each slot of each row's sub-block (rules.prediction_index
+        # with every row's tokens placed at its offset in the packed batch).
+        sub_start, tok_start = f["sub_start"][:n_rows], f["tok_start"][:n_rows]
+        row_base = torch.cat([torch.arange(rb, device=x.device) * bs, tb + torch.arange(rs, device=x.device) * sbs])
+        pick = (row_base[:, None] + (sub_start[:, None] - tok_start[:, None] - 1 + st.ar_sub).clamp(min=0)).reshape(-1)
+        tok, conf = choose_tokens(runner.logits(runner.norm(x[pick])), mask_token_id=key.mask_id)
+        slots = sub_start[:, None] + st.ar_sub
+        unmask = unmask_confident(st.block, st.finished, rows_R, slots, tok.view(n_rows, sbs),
+                                  conf.view(n_rows, sbs), threshold=key.threshold, mask_token_id=key.mask_id,
+                                  stop_ids=st.stop_ids)
+        st.unmask[:n_rows].copy_(unmask)
+
+    def _run(self, key: PassKey) -> None:
+        graph = self.graphs.get(key)
+        if graph is not None:
+            graph.replay()
+            self.graphs.move_to_end(key)
+            self.replays += 1
+            return
+        # First time: the uncaptured run does the real work (it is also the warm-up the capture needs).
+        if self.compile_layers and not self.compile_checked:
+            try:
+                self._pass(key)  # compiles the layer functions
+            except Exception as err:  # compiling is an optimisation: fall back to the plain functions
+                self.compile_failure = f"{type(err).__name__}: {str(err)[:500]}"
+                logger.warning("graphed engine: torch.compile failed, continuing without it: %s", self.compile_failure)
+                self._set_layer_functions(False)
+                self._pass(key)  # idempotent: recomputes and rewrites everything the failed run touched
+            self.compile_checked = True
+        else:
+            self._pass(key)
+        self.uncaptured_passes += 1
+        if not self.capture or self.graph_failure is not None:
+            return
+        while len(self.graphs) >= MAX_GRAPHS:
+            self.graphs.popitem(last=False)
+            self.evictions += 1
+        t0 = time.perf_counter()
+        try:
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                self._pass(key)
+        except torch.OutOfMemoryError as err:
+            # Give back everything captured so far, then keep decoding uncaptured.
+            self.graph_failure = f"out of memory while capturing: {str(err)[:300]}"
+            self.graphs.clear()
+            self.pool = None
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            logger.warning("graphed engine: %s; graphs freed, continuing without them", self.graph_failure)
+            return
+        except Exception as err:  # capture is an optimisation: keep decoding uncaptured
+            self.graph_failure = f"{type(err).__name__}: {err}"
+            logger.warning("graphed engine: CUDA graph capture failed, continuing without graphs: %s", self.graph_failure)
+            torch.cuda.synchronize()
+            return
+        self.graphs[key] = graph
+        self.captures += 1
+        self.capture_seconds += time.perf_counter() - t0
+
+    # -- the decoder's requests ------------------------------------------------------------------
+    def _key(self, rb, rs, mode, reuse_layers, commit, contiguous_b, contiguous_s) -> PassKey:
+        s = self.settings
+        residual = s.layer_reuse is not None and s.layer_reuse.mode == "residual"
+        return PassKey(rb, rs, mode, reuse_layers if mode != PassMode.NONE else (), residual and mode != PassMode.NONE,
+                       commit, contiguous_b, contiguous_s, float(s.threshold), int(s.mask_token_id))
+
+    def _load_state(self, block, pad, finished) -> None:
+        st = self.store
+        n = block.shape[0]
+        st.block[:n].copy_(block)
+        st.pad[:n].copy_(pad)
+        st.finished[:n].copy_(finished)
+
+    def denoise(self, step: StepPlan, block, pad, finished, *, want_unmasked: bool = False):
+        st, s = self.store, self.settings
+        bs, sbs = s.block_size, s.small_block_size
+        n_rows = block.shape[0]
+        self._load_state(block, pad, finished)
+        # Forwards with the same layer actions share one pass (whole-block rows first).
+        passes: dict[tuple, dict[ForwardKind, int]] = {}
+        for index, plan in enumerate(step):
+            passes.setdefault(plan.actions, {})[plan.kind] = index
+        unmasked: list[torch.Tensor | None] = [None] * len(step)
+        for actions, by_kind in passes.items():
+            block_plan = step[by_kind[ForwardKind.BLOCK]] if ForwardKind.BLOCK in by_kind else None
+            sub_plan = step[by_kind[ForwardKind.SUB]] if ForwardKind.SUB in by_kind else None
+            rb_rows = list(block_plan.rows) if block_plan else []
+            rs_rows = list(sub_plan.rows) if sub_plan else []
+            rb, rs = len(rb_rows), len(rs_rows)
+            plans = [p for p in (block_plan, sub_plan) if p is not None]
+            rows_np = np.asarray(rb_rows + rs_rows, dtype=np.int64)
+            sub_start = np.asarray([o for p in plans for o in p.sub_starts(sbs)], dtype=np.int64)
+            tok_start = np.asarray([o for p in plans for o in p.token_starts(sbs)], dtype=np.int64)
+            rows_T = np.concatenate([np.repeat(rows_np[:rb], bs), np.repeat(rows_np[rb:], sbs)])
+            bslot_T = np.concatenate([np.tile(np.arange(bs, dtype=np.int64), rb),
+                                      (tok_start[rb:, None] + np.arange(sbs, dtype=np.int64)).reshape(-1)])
+            values = {"rows_T": rows_T, "bslot_T": bslot_T, "rows_b": rows_np[:rb], "rows_s": rows_np[rb:],
+                      "rows_R": rows_np, "sub_start": sub_start, "tok_start": tok_start,
+                      "P": np.asarray([self.cache.prefix_len], dtype=np.int64)}
+            stores, recalls = LayerAction.STORE in actions, LayerAction.RECALL in actions
+            mode = PassMode.STORE if stores else (PassMode.RECALL if recalls else PassMode.NONE)
+            reuse_layers = tuple(i for i, a in enumerate(actions) if a is not LayerAction.RUN)
+            if mode == PassMode.STORE:
+                spans = np.asarray([reuse_span(p.kind, sub, bs, sbs) for p in plans for sub in p.subs], dtype=np.int64)
+                values["tags"] = np.asarray([t for p in plans for t in p.tags], dtype=np.int64)
+                values["start"], values["end"] = spans[:, 0], spans[:, 1]
+            st.upload(values)
+            self._run(self._key(rb, rs, mode, reuse_layers, False, rb_rows == list(range(rb)),
+                                rb == 0 and rs_rows == list(range(rs))))
+            if want_unmasked:
+                result = st.unmask[: rb + rs].clone()
+                if block_plan is not None:
+                    unmasked[by_kind[ForwardKind.BLOCK]] = result[:rb]
+                if sub_plan is not None:
+                    unmasked[by_kind[ForwardKind.SUB]] = result[rb:]
+        block.copy_(st.block[:n_rows])
+        finished.copy_(st.finished[:n_rows])
+        return unmasked if want_unmasked else None
+
+    def commit(self, block, pad) -> torch.Tensor:
+        st = self.store
+        bs = st.block_size
+        n = block.shape[0]
+        self._load_state(block, pad, torch.zeros(n, dtype=torch.bool, device=block.device))
+        rows = np.arange(n, dtype=np.int64)
+        st.upload({"rows_T": np.repeat(rows, bs), "bslot_T": np.tile(np.arange(bs, dtype=np.int64), n),
+                   "rows_b": rows, "rows_R": rows, "P": np.asarray([self.cache.prefix_len], dtype=np.int64)})
+        self._run(self._key(n, 0, PassMode.NONE, (), True, True, False))
+        self.cache.advance(bs)
+        return st.out_tok[:n].clone()

@@ -1,0 +1,78 @@
+"""A denoising step as data: the decoder's decisions, which every engine executes unchanged.
+
+`BlockDiffusionDecoder` decides, per row, which sub-block it denoises, whether it forwards its
+whole block or only that sub-block, and what each decoder layer does (run, run and store its
+result for layer reuse, or recall the stored result without running). Rows with the same kind of
+forward and the same layer actions form one `ForwardPlan`; a `StepPlan` is one denoising step.
+Engines (`engines.eager`, `engines.graphed`) turn plans into forwards; none of them decides
+anything, so the tokens, counters and trace of a decode do not depend on the engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class ForwardKind(str, Enum):
+    """What a row forwards in a denoising step."""
+
+    BLOCK = "block"  # its whole current block: every slot's K/V is refreshed
+    SUB = "sub"  # only its current sub-block (block cache on): the rest of the block's K/V is kept
+
+
+class LayerAction(str, Enum):
+    """What one decoder layer does in a forward."""
+
+    RUN = "run"
+    STORE = "store"  # run, and keep the layer's input and output for later recall (layer reuse)
+    RECALL = "recall"  # do not run: return the output stored earlier in this sub-block
+
+
+@dataclass(frozen=True)
+class ForwardPlan:
+    """One forward of rows that share a kind and per-layer actions."""
+
+    kind: ForwardKind
+    rows: tuple[int, ...]  # batch rows of the decoder's current batch
+    subs: tuple[int, ...]  # each row's current sub-block (index inside the block)
+    actions: tuple[LayerAction, ...]  # one per decoder layer
+    tags: tuple[int, ...]  # each row's sub-block serial: a stored reuse entry is valid for that one only
+
+    @property
+    def recalls(self) -> bool:
+        return LayerAction.RECALL in self.actions
+
+    @property
+    def stores(self) -> bool:
+        return LayerAction.STORE in self.actions
+
+    def token_count(self, block_size: int, small_block_size: int) -> int:
+        return block_size if self.kind is ForwardKind.BLOCK else small_block_size
+
+    def token_starts(self, small_block_size: int) -> list[int]:
+        """First block slot of each row's tokens in this forward."""
+        if self.kind is ForwardKind.BLOCK:
+            return [0] * len(self.rows)
+        return [sub * small_block_size for sub in self.subs]
+
+    def sub_starts(self, small_block_size: int) -> list[int]:
+        """First block slot of the sub-block each row denoises."""
+        return [sub * small_block_size for sub in self.subs]
+
+
+# One denoising step: its forwards, in the order (kind, recall before compute) that traces use.
+StepPlan = tuple[ForwardPlan, ...]
+
+
+def layer_actions(num_layers: int, reuse_layers: frozenset[int], compute: bool) -> tuple[LayerAction, ...]:
+    """The per-layer actions of a forward whose reuse schedule says compute (store) or recall."""
+    target = LayerAction.STORE if compute else LayerAction.RECALL
+    return tuple(target if i in reuse_layers else LayerAction.RUN for i in range(num_layers))
+
+
+def reuse_span(kind: ForwardKind, sub: int, block_size: int, small_block_size: int) -> tuple[int, int]:
+    """Block slots a forward of `kind` feeds, and so the slots a reuse entry stored by it covers."""
+    if kind is ForwardKind.BLOCK:
+        return 0, block_size
+    return sub * small_block_size, (sub + 1) * small_block_size
