@@ -195,19 +195,3 @@ def test_engine_does_not_keep_the_model_alive(tiny_path):
     del model
     gc.collect()
     assert ref() is None
-
-
-@pytest.mark.parametrize("segment_layers", [1, 3])
-def test_passes_launched_in_layer_segments_give_the_same_tokens(tiny_model, monkeypatch, segment_layers):
-    """Graphs are captured per segment of layers; the hidden states cross segments in the store."""
-    from dllm_generation.engines import graphed
-
-    release(tiny_model)
-    monkeypatch.setattr(graphed, "SEGMENT_LAYERS", segment_layers)
-    prompts = prompts_of([5, 40, 64], seed=6)
-    kw = dict(max_new_tokens=64, layer_reuse=LayerReuseConfig(k=2, subset="middle", size=2, mode="residual"), **BASE)
-    plain, ps, fast, fs = both_engines(tiny_model, prompts, **kw)
-    assert len(graphed_engine_of(tiny_model).segments) == -(-4 // segment_layers)
-    assert fast == plain
-    assert {k: fs[k] for k in COUNTERS} == {k: ps[k] for k in COUNTERS}
-    release(tiny_model)

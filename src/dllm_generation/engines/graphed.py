@@ -46,11 +46,6 @@ logger = logging.getLogger(__name__)
 
 MAX_GRAPHS = 512  # captured passes kept per model; the least recently replayed one is dropped beyond
 MAX_STOP_IDS = 16
-# Layers per captured graph. Launching a graph costs host time that grows with its kernel count
-# (about 2 ms for a whole 7B pass of ~1,500 kernels on an H200 with CUDA 13); the decoder can only
-# launch a step after reading the previous one, so a single graph would leave the GPU idle for
-# that whole launch. Launched as segments, the GPU runs the first while the host launches the rest.
-SEGMENT_LAYERS = 4
 
 
 class PassMode:
@@ -88,8 +83,6 @@ class StaticStore:
         for name, n in self.layout.items():
             self.fields[name] = self.meta[at: at + n]
             at += n
-        # Hidden states handed from one graph segment of a pass to the next.
-        self.hidden_states = torch.zeros(t_max, hidden, dtype=dtype, device=device)
         self.block = torch.zeros(rows, block_size, dtype=torch.long, device=device)
         self.pad = torch.zeros(rows, dtype=torch.long, device=device)
         self.finished = torch.zeros(rows, dtype=torch.bool, device=device)
@@ -259,14 +252,11 @@ class GraphedEngine(Engine):
 
     name = "graphed"
 
-    def __init__(self, runner, settings, *, capture: bool, compile_layers: bool,
-                 segment_layers: int | None = None):
+    def __init__(self, runner, settings, *, capture: bool, compile_layers: bool):
         super().__init__(runner, settings)
         self.capture = capture
-        self.segment_layers = segment_layers or SEGMENT_LAYERS
         self.compile_layers = compile_layers
-        # Per pass: its graphs, one per segment of layers (see `segment_layers`).
-        self.graphs: "OrderedDict[PassKey, list[torch.cuda.CUDAGraph]]" = OrderedDict()
+        self.graphs: "OrderedDict[PassKey, torch.cuda.CUDAGraph]" = OrderedDict()
         self.pool = None
         self.store: StaticStore | None = None
         self.captures = 0
@@ -305,8 +295,6 @@ class GraphedEngine(Engine):
         self.hidden = int(cfg.hidden_size)
         self.fingerprint = self._fingerprint(runner)
         self.math = LayerMath(_rotary_function(runner.layers[0]))
-        n = runner.num_layers
-        self.segments = [(lo, min(lo + self.segment_layers, n)) for lo in range(0, n, self.segment_layers)] or [(0, 0)]
         self._set_layer_functions(self.compile_layers)
 
     def _set_layer_functions(self, compiled: bool) -> None:
@@ -389,12 +377,8 @@ class GraphedEngine(Engine):
         o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=self.scaling)
         return o.reshape(r, self.n_heads, n, self.head_dim).transpose(1, 2).reshape(r * n, self.n_heads * self.head_dim)
 
-    def _pass(self, key: PassKey, segment: int) -> None:
-        """Layers `self.segments[segment]` of the pass (the first segment embeds the tokens, the
-        last one chooses and unmasks); segments hand the hidden states over in the store."""
+    def _pass(self, key: PassKey) -> None:
         st, runner = self.store, self.runner
-        first_layer, end_layer = self.segments[segment]
-        last_segment = segment == len(self.segments) - 1
         bs, sbs = st.block_size, st.small_block_size
         f = st.fields
         rb, rs = key.rb, key.rs
@@ -405,7 +389,7 @@ class GraphedEngine(Engine):
         tokens = st.block[rows_T, bslot_T]
         positions = prefix - st.pad[rows_T] + bslot_T
         slot_T = prefix + bslot_T
-        x = runner.embed(tokens) if segment == 0 else st.hidden_states[:n_tok]
+        x = runner.embed(tokens)
         cos, sin = runner.rotary(x[None], positions[None])
         cos, sin = cos[0], sin[0]
         limit = prefix + bs
@@ -415,8 +399,7 @@ class GraphedEngine(Engine):
         mask_s = ((ar[None, :] >= st.pad[rows_s][:, None]) & (ar[None, :] < limit))[:, None, None, :] if rs else None
         reuse = frozenset(key.reuse_layers)
         rows_R = f["rows_R"][:n_rows]
-        for i in range(first_layer, end_layer):
-            layer = runner.layers[i]
+        for i, layer in enumerate(runner.layers):
             if key.mode == PassMode.RECALL and i in reuse:
                 entry = st.reuse[i]
                 out = entry["reuse_output"][rows_T, bslot_T]
@@ -442,9 +425,6 @@ class GraphedEngine(Engine):
                 entry["reuse_output"][rows_T, bslot_T] = x
                 if key.residual:  # only residual recalls read the stored input
                     entry["reuse_input"][rows_T, bslot_T] = x_in
-        if not last_segment:
-            st.hidden_states[:n_tok].copy_(x)
-            return
         if key.mode == PassMode.STORE:
             st.reuse_meta["reuse_tag"][rows_R] = f["tags"][:n_rows]
             st.reuse_meta["reuse_start"][rows_R] = f["start"][:n_rows]
@@ -466,26 +446,24 @@ class GraphedEngine(Engine):
         st.unmask[:n_rows].copy_(unmask)
 
     def _run(self, key: PassKey) -> None:
-        graphs = self.graphs.get(key)
-        if graphs is not None:
-            for graph in graphs:
-                graph.replay()
+        graph = self.graphs.get(key)
+        if graph is not None:
+            graph.replay()
             self.graphs.move_to_end(key)
             self.replays += 1
             return
-        # First time: the uncaptured run does the real work (it is also the warm-up capture needs;
-        # capturing records kernels without running them).
+        # First time: the uncaptured run does the real work (it is also the warm-up the capture needs).
         if self.compile_layers and not self.compile_checked:
             try:
-                self._run_uncaptured(key)  # compiles the layer functions
+                self._pass(key)  # compiles the layer functions
             except Exception as err:  # compiling is an optimisation: fall back to the plain functions
                 self.compile_failure = f"{type(err).__name__}: {str(err)[:500]}"
                 logger.warning("graphed engine: torch.compile failed, continuing without it: %s", self.compile_failure)
                 self._set_layer_functions(False)
-                self._run_uncaptured(key)  # idempotent: recomputes and rewrites everything the failed run touched
+                self._pass(key)  # idempotent: recomputes and rewrites everything the failed run touched
             self.compile_checked = True
         else:
-            self._run_uncaptured(key)
+            self._pass(key)
         self.uncaptured_passes += 1
         if not self.capture or self.graph_failure is not None:
             return
@@ -493,19 +471,15 @@ class GraphedEngine(Engine):
             self.graphs.popitem(last=False)
             self.evictions += 1
         t0 = time.perf_counter()
-        captured = []
         try:
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
-            for segment in range(len(self.segments)):
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool):
-                    self._pass(key, segment)
-                captured.append(graph)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                self._pass(key)
         except torch.OutOfMemoryError as err:
             # Give back everything captured so far, then keep decoding uncaptured.
             self.graph_failure = f"out of memory while capturing: {str(err)[:300]}"
-            captured.clear()
             self.graphs.clear()
             self.pool = None
             torch.cuda.synchronize()
@@ -517,13 +491,9 @@ class GraphedEngine(Engine):
             logger.warning("graphed engine: CUDA graph capture failed, continuing without graphs: %s", self.graph_failure)
             torch.cuda.synchronize()
             return
-        self.graphs[key] = captured
+        self.graphs[key] = graph
         self.captures += 1
         self.capture_seconds += time.perf_counter() - t0
-
-    def _run_uncaptured(self, key: PassKey) -> None:
-        for segment in range(len(self.segments)):
-            self._pass(key, segment)
 
     # -- the decoder's requests ------------------------------------------------------------------
     def _key(self, rb, rs, mode, reuse_layers, commit, contiguous_b, contiguous_s) -> PassKey:
