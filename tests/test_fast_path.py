@@ -98,12 +98,12 @@ def test_graphed_engine_trace_matches_eager_trace(tiny_model):
 
 
 class ModuleCalls:
-    """Counts calls of each layer's modules that both engines call (q_proj and mlp)."""
+    """Counts calls of each layer's modules that both engines call (o_proj and mlp)."""
 
     def __init__(self, model):
         self.q, self.mlp, self.handles = Counter(), Counter(), []
         for i, layer in enumerate(model.model.layers):
-            self.handles.append(layer.self_attn.q_proj.register_forward_hook(lambda *_, i=i: self.q.update([i])))
+            self.handles.append(layer.self_attn.o_proj.register_forward_hook(lambda *_, i=i: self.q.update([i])))
             self.handles.append(layer.mlp.register_forward_hook(lambda *_, i=i: self.mlp.update([i])))
 
     def close(self):
@@ -195,3 +195,33 @@ def test_engine_does_not_keep_the_model_alive(tiny_path):
     del model
     gc.collect()
     assert ref() is None
+
+
+def test_qkv_weights_share_one_storage_without_a_second_copy(tiny_path, tmp_path):
+    """The graphed engine moves q/k/v into one storage (one matrix product instead of three): the
+    parameters keep their values, the model still saves and reloads, and nothing is copied twice."""
+    from dllm_generation import load_model
+
+    model, _ = load_model(tiny_path, dtype=torch.float32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prompts = prompts_of([20, 33])
+    eager_out, _ = generate_new_tokens(model, prompts, max_new_tokens=32, fast_path=False, **BASE)
+    graphed_out, _ = generate_new_tokens(model, prompts, max_new_tokens=32, fast_path="uncaptured", **BASE)
+    assert graphed_out == eager_out
+    engine = graphed_engine_of(model)
+    for layer, (weight, bias) in zip(model.model.layers, engine.qkv):
+        attn = layer.self_attn
+        for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+            assert proj.weight.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr()
+            assert proj.bias.untyped_storage().data_ptr() == bias.untyped_storage().data_ptr()
+        assert torch.equal(weight, torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # A second engine of the same model finds the storage already shared and copies nothing.
+    pointers = [w.data_ptr() for w, _ in engine.qkv]
+    release(model)
+    generate_new_tokens(model, prompts, max_new_tokens=32, fast_path="uncaptured", **BASE)
+    assert [w.data_ptr() for w, _ in graphed_engine_of(model).qkv] == pointers
+    assert generate_new_tokens(model, prompts, max_new_tokens=32, fast_path=False, **BASE)[0] == eager_out
+    model.save_pretrained(tmp_path)
+    reloaded, _ = load_model(str(tmp_path), dtype=torch.float32)
+    assert all(torch.equal(v, before[k]) for k, v in reloaded.state_dict().items())

@@ -250,11 +250,11 @@ def test_residual_mode_lets_fresh_tokens_through_reused_layers(tiny_model, mode)
     tokens = torch.tensor([prompts_of([8], seed=4)[0] + [TINY_MASK] * 24])
     cache = BlockDiffusionCache(4, 1, 32, 32)
     tags, offsets = torch.tensor([0]), torch.tensor([0])
-    plan = ReusePlan(layer_actions(4, layers, compute=True), residual=mode == "residual", tags=tags, offsets=offsets)
+    plan = ReusePlan(layer_actions(4, tuple(sorted(layers)), (True,) * len(layers)), residual=mode == "residual", tags=tags, offsets=offsets)
     stored = _one_block_forward(tiny_model, tokens, cache, plan)
     fresh = tokens.clone()
     fresh[0, 10] = 17  # a token unmasked since the store
-    plan = ReusePlan(layer_actions(4, layers, compute=False), residual=mode == "residual", tags=tags, offsets=offsets)
+    plan = ReusePlan(layer_actions(4, tuple(sorted(layers)), (False,) * len(layers)), residual=mode == "residual", tags=tags, offsets=offsets)
     recalled = _one_block_forward(tiny_model, fresh, cache, plan)
     if mode == "output":
         assert torch.equal(recalled, stored)  # the new token cannot influence anything after layer 0
@@ -267,25 +267,18 @@ def test_residual_mode_lets_fresh_tokens_through_reused_layers(tiny_model, mode)
 
 def test_recall_falls_back_to_compute_when_the_entry_does_not_cover_the_request(tiny_model):
     """Entries belong to one sub-block and cover the slots stored; anything else computes."""
-    cache = BlockDiffusionCache(4, 2, 64, 32)
-    hidden = torch.randn(2, 8, 64)
-    cache.begin_forward("sub", rows=None, row_index=torch.arange(2), offsets=torch.tensor([8, 16]))
-    cache.layers[1].store_reuse(hidden, hidden + 1, torch.tensor([5, 6]), torch.tensor([8, 16]))
-    covers = cache.layers[1].reuse_covers
-    rows = torch.arange(2)
-    # Same sub-block serial and slots: covered.
-    assert covers(rows, torch.tensor([5, 6]), torch.tensor([8, 16]), torch.tensor([16, 24])).tolist() == [True, True]
-    # A whole-block request is not covered by an 8-slot entry; another sub-block's serial is not either.
-    assert covers(rows, torch.tensor([5, 6]), torch.tensor([0, 0]), torch.tensor([32, 32])).tolist() == [False, False]
-    assert covers(rows, torch.tensor([5, 7]), torch.tensor([8, 16]), torch.tensor([16, 24])).tolist() == [True, False]
-    # The decoder turns an uncovered recall into a compute step.
     runner = LayerStackRunner(tiny_model)
-    settings = resolve_settings(GenerationConfig(max_new_tokens=32, layer_reuse=LayerReuseConfig(k=2, layers=[1])),
+    settings = resolve_settings(GenerationConfig(max_new_tokens=32, layer_reuse=LayerReuseConfig(k=2, layers=[1, 2])),
                                 tiny_model.generation_config, tiny_model.config, num_layers=runner.num_layers)
     decoder = BlockDiffusionDecoder(runner, settings)
-    decoder.engine.cache = cache
-    plans = {0: (ForwardKind.SUB, False), 1: (ForwardKind.BLOCK, False)}
-    # Row 0: serial for (block 0, sub 1) is 1; make the stored tags match row 0 only.
-    cache.layers[1].reuse_tag[:] = torch.tensor([1, 2])
-    decoder._compute_where_uncovered(plans, [1, 2], 0)
-    assert plans == {0: (ForwardKind.SUB, False), 1: (ForwardKind.BLOCK, True)}
+    # Serials in block 0: sub-block j is j. Row 0's entries are from sub-block 1's slots 8..16 (a
+    # sub-block forward); row 1's layer 1 from sub-block 2's slots, its layer 2 from the whole block.
+    decoder.reuse_entries = [{1: (1, 8, 16), 2: (1, 8, 16)}, {1: (2, 16, 24), 2: (2, 0, 32)}, {1: (1, 0, 32)}]
+    decisions = {0: (ForwardKind.SUB, (False, False)), 1: (ForwardKind.BLOCK, (False, False)),
+                 2: (ForwardKind.SUB, (False, False))}
+    decoder._compute_where_uncovered(decisions, [1, 2, 2], 0)
+    assert decisions == {
+        0: (ForwardKind.SUB, (False, False)),  # same sub-block and slots: recall
+        1: (ForwardKind.BLOCK, (True, False)),  # a whole-block request: only the whole-block entry covers it
+        2: (ForwardKind.SUB, (True, True)),  # another sub-block's entry (layer 1) or none (layer 2): compute
+    }

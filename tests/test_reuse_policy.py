@@ -93,7 +93,12 @@ def test_policy_round_trips_through_generation_config(tmp_path):
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    (dict(policy="adaptive"), "policy must be one of \\['fixed', 'unmask_drift'\\]"),
+    (dict(policy="adaptive"), "policy must be one of \\['fixed', 'unmask_drift', 'per_layer'\\]"),
+    (dict(policy="per_layer"), "layer_k=None is invalid"),
+    (dict(policy="per_layer", layer_k=[2, 0]), "layer_k=\\[2, 0\\] is invalid"),
+    (dict(policy="per_layer", layer_k=[2, 3], k=2), "k=2 is the fixed policy's period"),
+    (dict(policy="per_layer", layer_k=[2, 3], tolerance=0.5), "apply to policy='unmask_drift' only"),
+    (dict(k=2, layer_k=[2, 3]), "layer_k applies to policy='per_layer' only"),
     (dict(policy="unmask_drift", tolerance=-0.1), "tolerance=-0.1 is out of range"),
     (dict(policy="unmask_drift"), "tolerance=None is out of range"),
     (dict(policy="unmask_drift", tolerance=0.5, k=2), "k=2 is the fixed policy's period"),
@@ -113,3 +118,69 @@ def test_policy_settings_enter_the_run_identity_only_when_used():
     assert not {"policy", "tolerance", "max_staleness"} & set(fixed)  # folders made before policies still resume
     adaptive = EvalOptions(task="arith", policy="unmask_drift", tolerance=0.5).validate()
     assert adaptive.identity()["tolerance"] == 0.5 and adaptive.config_name().startswith("drift0.5_")
+
+
+# ------------------------------------------------------------------------------ per-layer periods
+def per_layer(*ks, **kw):
+    return LayerReuseConfig(policy="per_layer", layer_k=list(ks), layers=[1, 2][: len(ks)] if len(ks) < 3 else [1, 2, 3],
+                            **kw)
+
+
+@pytest.mark.parametrize("path", [False, "uncaptured"])
+def test_equal_periods_are_the_fixed_policy_and_periods_of_one_are_no_reuse(tiny_model, path):
+    prompts = prompts_of(LENGTHS, seed=4)
+    plain, s0 = generate_new_tokens(tiny_model, prompts, fast_path=path, **KW)
+    ones, s1 = generate_new_tokens(tiny_model, prompts, fast_path=path, layer_reuse=per_layer(1, 1), **KW)
+    assert ones == plain and s1["layer_calls"] == s0["layer_calls"] and s1["layer_calls_skipped"] == 0
+    fixed, sf = generate_new_tokens(tiny_model, prompts, fast_path=path,
+                                    layer_reuse=LayerReuseConfig(k=3, layers=[1, 2]), **KW)
+    same, ss = generate_new_tokens(tiny_model, prompts, fast_path=path, layer_reuse=per_layer(3, 3), **KW)
+    assert same == fixed
+    for key in ("forwards", "layer_calls", "layer_calls_skipped", "layer_runs", "layer_skips"):
+        assert ss[key] == sf[key], key
+
+
+@pytest.mark.parametrize("mode", ["output", "residual"])
+def test_each_layer_follows_its_own_period_and_recalled_layers_never_run(tiny_model, mode):
+    """Layer 1 every 2 steps, layer 2 every 3: replay each layer's schedule from the trace and count
+    real executions with hooks; the graphed engine gives the same tokens and counters."""
+    prompt = prompts_of([40], seed=8)[0]
+    config = per_layer(2, 3, mode=mode)
+    kw = dict(KW, threshold=1.0)  # one token per step: sub-blocks of 8 steps
+    counter = ExecutionCounter(tiny_model)
+    try:
+        out, decoder = run_decoder(tiny_model, [prompt], use_block_cache=True, layer_reuse=config, **kw)
+    finally:
+        counter.close()
+    stats = decoder.stats.as_dict()
+    full = stats["prefill_forwards"] + stats["commit_forwards"]
+    step_in_sub, seen = [], {}
+    for entry in decoder.trace:
+        key = (entry["block"], entry["sub"][0])
+        step_in_sub.append(seen.get(key, 0))
+        seen[key] = seen.get(key, 0) + 1
+    for layer, k in ((1, 2), (2, 3)):
+        # Replay: compute at steps 0, k, 2k... of each sub-block, and where a whole-block forward
+        # would recall an entry that a sub-block forward stored (it covers only the sub-block).
+        computes, stored_by = 0, None
+        for entry, n in zip(decoder.trace, step_in_sub):
+            if n % k == 0 or (entry["kind"] == "block" and stored_by == "sub"):
+                computes, stored_by = computes + 1, entry["kind"]
+        assert counter.mlp[layer] == counter.attn[layer] == full + computes == stats["layer_runs"][layer], layer
+        assert stats["layer_skips"][layer] == len(decoder.trace) - computes > 0
+    assert stats["layer_skips"][1] < stats["layer_skips"][2]
+    assert counter.mlp[0] == counter.mlp[3] == stats["forwards"]
+    graphed, gs = generate_new_tokens(tiny_model, [prompt], use_block_cache=True, layer_reuse=config,
+                                      fast_path="uncaptured", **kw)
+    assert graphed == out
+    for key in ("forwards", "layer_calls", "layer_calls_skipped", "layer_runs", "layer_skips"):
+        assert gs[key] == stats[key], key
+
+
+def test_per_layer_periods_must_match_the_target_layers(tiny_model):
+    with pytest.raises(ValueError, match="layer_k has 3 periods but the reuse targets 2 layers"):
+        generate_new_tokens(tiny_model, prompts_of([20]), layer_reuse=LayerReuseConfig(
+            policy="per_layer", layer_k=[2, 2, 2], layers=[1, 2]), **KW)
+    config = LayerReuseConfig(policy="per_layer", layer_k=[2, 4], layers=[1, 3])
+    assert config.label == "ks2.4-layers1_3-output"
+    assert LayerReuseConfig.coerce(config.to_dict()) == config

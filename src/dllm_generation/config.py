@@ -20,8 +20,9 @@ logger = logging.getLogger(__name__)
 SUBSETS = ("first", "middle", "last")
 REUSE_MODES = ("output", "residual")
 # How a reuse step is decided: "fixed" recomputes every k steps; "unmask_drift" recomputes once the
-# share of the sub-block unmasked since the stored entry exceeds `tolerance` (see reuse_policy.py).
-REUSE_POLICIES = ("fixed", "unmask_drift")
+# share of the sub-block unmasked since the stored entry exceeds `tolerance`; "per_layer" gives each
+# target layer its own period (see reuse_policy.py).
+REUSE_POLICIES = ("fixed", "unmask_drift", "per_layer")
 # Default reuse size: a share of the model's layers, so one setting fits every depth. 12 of 28
 # layers is the published layer-reuse experiment on Fast_dLLM_v2_7B; the same share is 6 of 14.
 DEFAULT_REUSE_SIZE = 12 / 28
@@ -125,6 +126,8 @@ class LayerReuseConfig:
     `policy="fixed"` (default): compute at steps 0, k, 2k, ... of every sub-block.
     `policy="unmask_drift"`: compute at step 0, then whenever the share of the sub-block's slots
     unmasked since the stored entry exceeds `tolerance`, or the entry is `max_staleness` steps old.
+    `policy="per_layer"`: target layer j computes at steps 0, layer_k[j], 2*layer_k[j], ... (one
+    period per target layer, in layer order; all 1 = no reuse, all k = the fixed policy).
     """
 
     k: int = 1
@@ -139,6 +142,8 @@ class LayerReuseConfig:
     tolerance: float | None = None
     # unmask_drift only: recompute once the stored entry is this many steps old (None = no limit).
     max_staleness: int | None = None
+    # per_layer only: one recompute period per target layer, in layer order.
+    layer_k: list[int] | None = None
 
     def __post_init__(self):
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
@@ -159,14 +164,28 @@ class LayerReuseConfig:
     def _check_policy(self) -> None:
         if self.policy not in REUSE_POLICIES:
             raise ValueError(f"LayerReuseConfig.policy must be one of {list(REUSE_POLICIES)}, got {self.policy!r}")
+        drift_fields = self.tolerance is not None or self.max_staleness is not None
+        if self.policy != "per_layer" and self.layer_k is not None:
+            raise ValueError(f"LayerReuseConfig.layer_k applies to policy='per_layer' only (got policy={self.policy!r})")
         if self.policy == "fixed":
-            if self.tolerance is not None or self.max_staleness is not None:
+            if drift_fields:
                 raise ValueError("LayerReuseConfig.tolerance and max_staleness apply to policy='unmask_drift' only "
                                  "(policy='fixed' recomputes every k steps)")
             return
         if self.k != 1:
-            raise ValueError(f"LayerReuseConfig.k={self.k} is the fixed policy's period; with policy='unmask_drift' "
-                             "leave k=1 and bound the entry's age with max_staleness")
+            raise ValueError(f"LayerReuseConfig.k={self.k} is the fixed policy's period; with policy={self.policy!r} "
+                             "leave k=1 (" + ("bound the entry's age with max_staleness)" if self.policy == "unmask_drift"
+                                              else "give one period per target layer in layer_k)"))
+        if self.policy == "per_layer":
+            if drift_fields:
+                raise ValueError("LayerReuseConfig.tolerance and max_staleness apply to policy='unmask_drift' only "
+                                 "(policy='per_layer' recomputes each layer every layer_k[j] steps)")
+            if (not isinstance(self.layer_k, (list, tuple)) or not self.layer_k
+                    or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in self.layer_k)):
+                raise ValueError(f"LayerReuseConfig.layer_k={self.layer_k!r} is invalid (allowed with "
+                                 "policy='per_layer': a non-empty list of integers >= 1, one per target layer)")
+            self.layer_k = list(self.layer_k)
+            return
         if (self.tolerance is None or isinstance(self.tolerance, bool) or not isinstance(self.tolerance, (int, float))
                 or not 0.0 <= self.tolerance <= 1.0):
             raise ValueError(f"LayerReuseConfig.tolerance={self.tolerance!r} is out of range (allowed with "
@@ -187,11 +206,17 @@ class LayerReuseConfig:
         return max(1, math.floor(self.size * num_layers + 0.5))
 
     def resolve_layers(self, num_layers: int) -> tuple[int, ...]:
-        """The target layer indices for a model of `num_layers` decoder layers.
+        """The target layer indices for a model of `num_layers` decoder layers (and, with the
+        per-layer policy, a check that `layer_k` has one period for each)."""
+        layers = self._resolve_layers(num_layers)
+        if self.layer_k is not None and len(self.layer_k) != len(layers):
+            raise ValueError(f"LayerReuseConfig.layer_k has {len(self.layer_k)} periods but the reuse targets "
+                             f"{len(layers)} layers {list(layers)} (allowed: exactly one period per target layer)")
+        return layers
 
-        first = layers 1..n (layer 0 always runs), middle = n layers centred in the stack,
-        last = the final n layers, where n = `layer_count(num_layers)`.
-        """
+    def _resolve_layers(self, num_layers: int) -> tuple[int, ...]:
+        """first = layers 1..n (layer 0 always runs), middle = n layers centred in the stack,
+        last = the final n layers, where n = `layer_count(num_layers)`."""
         if self.layers is not None:
             bad = [i for i in self.layers if i >= num_layers]
             if bad:
@@ -220,6 +245,8 @@ class LayerReuseConfig:
         where = f"{self.subset}{size_label(self.size)}" if self.layers is None else "layers" + "_".join(map(str, self.layers))
         if self.policy == "fixed":
             return f"k{self.k}-{where}-{self.mode}"
+        if self.policy == "per_layer":
+            return f"ks{'.'.join(map(str, self.layer_k))}-{where}-{self.mode}"
         stale = "" if self.max_staleness is None else f"-s{self.max_staleness}"
         return f"drift{self.tolerance:g}{stale}-{where}-{self.mode}"
 
@@ -231,7 +258,7 @@ class LayerReuseConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LayerReuseConfig":
-        unknown = set(data) - {"k", "subset", "size", "layers", "mode", "policy", "tolerance", "max_staleness"}
+        unknown = set(data) - {"k", "subset", "size", "layers", "mode", "policy", "tolerance", "max_staleness", "layer_k"}
         if unknown:
             raise ValueError(f"LayerReuseConfig got unknown fields {sorted(unknown)}")
         return cls(**data)

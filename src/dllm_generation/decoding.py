@@ -102,9 +102,14 @@ class BlockDiffusionDecoder:
         self.trace: list[dict] | None = [] if trace else None
         self.on_block = on_block
         self.stats = DecodeStats(layer_runs=[0] * runner.num_layers, layer_skips=[0] * runner.num_layers)
-        self.reuse_layers = frozenset(settings.reuse_layers) if settings.layer_reuse is not None else frozenset()
-        self.schedule = (ReuseSchedule(settings.layer_reuse, settings.small_block_size)
+        # Target layers in layer order; a row's per-layer decisions are tuples aligned with them.
+        self.reuse_targets = tuple(settings.reuse_layers) if settings.layer_reuse is not None else ()
+        self.schedule = (ReuseSchedule(settings.layer_reuse, settings.small_block_size, len(self.reuse_targets))
                          if settings.layer_reuse is not None else None)
+        # What each row's reuse entries hold, per target layer: (sub-block serial, first slot, end
+        # slot). Known from the plans (the engines store exactly what was planned), so deciding
+        # whether a recall is possible needs no read from the device.
+        self.reuse_entries: list[dict[int, tuple[int, int, int]]] = []
         self.stop_ids = torch.tensor(settings.eos_token_ids or [-1], device=runner.device)
 
     # -- counters -------------------------------------------------------------------------------
@@ -139,6 +144,7 @@ class BlockDiffusionDecoder:
         batch = len(prompts)
         prefix_len0 = layout.prefix_blocks * bs
         engine.start(batch, layout.capacity_blocks * bs)
+        self.reuse_entries = [{} for _ in range(batch)]
 
         pad = torch.tensor([(layout.prefix_blocks - f) * bs for f in layout.full_blocks], device=dev)
         block = torch.full((batch, bs), s.mask_token_id, dtype=torch.long, device=dev)
@@ -185,6 +191,7 @@ class BlockDiffusionDecoder:
             if len(keep) < len(row_ids):
                 keep_t = torch.tensor(keep, device=dev)
                 engine.keep_rows(keep_t)
+                self.reuse_entries = [self.reuse_entries[r] for r in keep]
                 block, pad, finished = block[keep_t], pad[keep_t], finished[keep_t]
                 row_ids = [row_ids[r] for r in keep]
             next_first = engine.commit(block, pad)
@@ -226,9 +233,12 @@ class BlockDiffusionDecoder:
         reuse_state = [RowReuseState() for _ in range(n_rows)]
         ready = [False] * n_rows  # the row's block K/V were computed by a whole-block forward
         while True:
-            masked = block == s.mask_token_id
-            masked_count = masked.view(n_rows, nsb, sbs).sum(-1).tolist()  # per row and sub-block
-            first_masked = masked[:, ::sbs].tolist()
+            # The step's one read from the device: per row and sub-block, the masked slots and
+            # whether the sub-block's first slot is masked.
+            masked = (block == s.mask_token_id).view(n_rows, nsb, sbs)
+            host = torch.cat([masked.sum(-1), masked[:, :, 0].long()], dim=1).tolist()
+            masked_count = [row[:nsb] for row in host]
+            first_masked = [row[nsb:] for row in host]
             decisions = {}
             for r in range(n_rows):
                 if stopped[r]:
@@ -242,34 +252,41 @@ class BlockDiffusionDecoder:
                     sub_idx[r], reuse_state[r] = cur, RowReuseState()
                 use_sub = s.use_block_cache and ready[r] and not first_masked[r][cur]
                 kind = ForwardKind.SUB if use_sub else ForwardKind.BLOCK
-                compute = self.schedule is None or self.schedule.computes(reuse_state[r], masked_count[r][cur])
-                decisions[r] = (kind, compute)
+                computes = self.schedule.computes(reuse_state[r], masked_count[r][cur]) if self.schedule else ()
+                decisions[r] = (kind, computes)
             if not decisions:
                 return
-            if self.reuse_layers:
+            if self.reuse_targets:
                 self._compute_where_uncovered(decisions, sub_idx, block_serial)
             step = self._plan_step(decisions, sub_idx, block_serial)
             unmasked = self.engine.denoise(step, block, pad, finished, want_unmasked=self.trace is not None)
             if self.trace is not None:
                 self._record(step, unmasked, block_serial, row_ids)
             self._count_step(step)
-            for r, (kind, compute) in decisions.items():
-                ReuseSchedule.record(reuse_state[r], compute, masked_count[r][sub_idx[r]])
+            for r, (kind, computes) in decisions.items():
+                if self.schedule is not None:
+                    ReuseSchedule.record(reuse_state[r], computes, masked_count[r][sub_idx[r]])
                 if kind is ForwardKind.BLOCK:
                     ready[r] = True
 
     def _plan_step(self, decisions, sub_idx, block_serial) -> StepPlan:
-        """Group rows by (kind, compute): one `ForwardPlan` each, in that order."""
+        """Group rows by (kind, per-layer decisions): one `ForwardPlan` each, recalls first."""
+        s = self.settings
         groups = defaultdict(list)
         for r, key in decisions.items():
             groups[key].append(r)
         num_layers = self.runner.num_layers
-        return tuple(
-            ForwardPlan(kind=kind, rows=tuple(rows), subs=tuple(sub_idx[r] for r in rows),
-                        actions=layer_actions(num_layers, self.reuse_layers, compute),
-                        tags=tuple(self._tag(block_serial, sub_idx[r]) for r in rows))
-            for (kind, compute), rows in sorted(groups.items(), key=lambda item: (item[0][0].value, item[0][1]))
-        )
+        step = []
+        for (kind, computes), rows in sorted(groups.items(), key=lambda item: (item[0][0].value, item[0][1])):
+            tags = tuple(self._tag(block_serial, sub_idx[r]) for r in rows)
+            step.append(ForwardPlan(kind=kind, rows=tuple(rows), subs=tuple(sub_idx[r] for r in rows),
+                                    actions=layer_actions(num_layers, self.reuse_targets, computes), tags=tags))
+            for r, tag in zip(rows, tags):  # the entries this forward stores
+                lo, hi = reuse_span(kind, sub_idx[r], s.block_size, s.small_block_size)
+                for layer, compute in zip(self.reuse_targets, computes):
+                    if compute:
+                        self.reuse_entries[r][layer] = (tag, lo, hi)
+        return tuple(step)
 
     def _record(self, step: StepPlan, unmasked, block_serial, row_ids) -> None:
         sbs = self.settings.small_block_size
@@ -282,20 +299,19 @@ class BlockDiffusionDecoder:
                                "tokens": plan.token_count(self.settings.block_size, sbs), "unmasked": slots})
 
     def _compute_where_uncovered(self, decisions, sub_idx, block_serial):
-        """A recall needs a stored entry for this sub-block covering the requested slots."""
-        recall_rows = [r for r, (_, c) in decisions.items() if not c]
-        if not recall_rows:
-            return
-        s, dev = self.settings, self.runner.device
-        rows_t = torch.tensor(recall_rows, device=dev)
-        tags = torch.tensor([self._tag(block_serial, sub_idx[r]) for r in recall_rows], device=dev)
-        spans = [reuse_span(decisions[r][0], sub_idx[r], s.block_size, s.small_block_size) for r in recall_rows]
-        start = torch.tensor([lo for lo, _ in spans], device=dev)
-        end = torch.tensor([hi for _, hi in spans], device=dev)
-        covered = self.engine.reuse_covers(min(self.reuse_layers), rows_t, tags, start, end).tolist()
-        for r, ok in zip(recall_rows, covered):
-            if not ok:
-                decisions[r] = (decisions[r][0], True)
+        """A recall needs the layer's entry to be from this sub-block and to cover the requested
+        slots (an entry stored by a sub-block forward does not cover a whole-block forward)."""
+        s = self.settings
+        for r, (kind, computes) in decisions.items():
+            if all(computes):
+                continue
+            tag = self._tag(block_serial, sub_idx[r])
+            lo, hi = reuse_span(kind, sub_idx[r], s.block_size, s.small_block_size)
+            entries = self.reuse_entries[r]
+            fixed = tuple(
+                compute or (entry := entries.get(layer)) is None or entry[0] != tag or entry[1] > lo or entry[2] < hi
+                for layer, compute in zip(self.reuse_targets, computes))
+            decisions[r] = (kind, fixed)
 
     def _tag(self, block_serial: int, sub: int) -> int:
         """The serial of a sub-block: reuse entries are valid only for the one they were stored in."""

@@ -47,11 +47,6 @@ class Engine:
         """Rows `indices` stay in the batch (in that order); the others leave."""
         self.cache.batch_select_indices(indices)
 
-    def reuse_covers(self, layer: int, rows: torch.Tensor, tags: torch.Tensor, start: torch.Tensor,
-                     end: torch.Tensor) -> torch.Tensor:
-        """Per row: is layer `layer`'s stored reuse entry from sub-block `tags` and does it cover [start, end)?"""
-        return self.cache.layers[layer].reuse_covers(rows, tags, start, end)
-
     def describe(self):
         return self.name
 

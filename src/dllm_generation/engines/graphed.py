@@ -39,21 +39,13 @@ import torch.nn.functional as F
 from ..cache import BlockDiffusionCache
 from ..sampling import choose_tokens
 from .base import Engine
-from .plan import ForwardKind, LayerAction, StepPlan, reuse_span
+from .plan import ForwardKind, LayerAction, StepPlan
 from .rules import unmask_confident
 
 logger = logging.getLogger(__name__)
 
 MAX_GRAPHS = 512  # captured passes kept per model; the least recently replayed one is dropped beyond
 MAX_STOP_IDS = 16
-
-
-class PassMode:
-    """How the reuse layers of a pass behave (every reuse layer does the same in one pass)."""
-
-    NONE = "none"
-    STORE = "store"
-    RECALL = "recall"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,11 +63,10 @@ class StaticStore:
         self.keys = [torch.zeros(kv_shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(kv_shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.reuse: dict[int, dict[str, torch.Tensor]] = {}
-        self.reuse_meta: dict[str, torch.Tensor] | None = None
         t_max = rows * block_size
         # Integer inputs of a pass, one buffer so that one copy fills them.
         self.layout = {"rows_T": t_max, "bslot_T": t_max, "rows_b": rows, "rows_s": rows, "rows_R": rows,
-                       "tok_start": rows, "sub_start": rows, "tags": rows, "start": rows, "end": rows, "P": 1}
+                       "tok_start": rows, "sub_start": rows, "P": 1}
         size = sum(self.layout.values())
         self.meta = torch.zeros(size, dtype=torch.long, device=device)
         self.fields: dict[str, torch.Tensor] = {}
@@ -103,22 +94,12 @@ class StaticStore:
                 and small_block_size == self.small_block_size and dtype == self.dtype and device == self.device)
 
     def reuse_entry(self, layer: int) -> dict[str, torch.Tensor]:
+        """The layer's stored output and input (which slots they hold is tracked by the decoder)."""
         entry = self.reuse.get(layer)
         if entry is None:
-            if self.reuse_meta is None:
-                # Every target layer stores in the same passes with the same rows, tags and slots,
-                # so one tag/start/end serves them all (one write per pass instead of one per layer).
-                self.reuse_meta = {
-                    "reuse_tag": torch.full((self.rows,), -1, dtype=torch.long, device=self.device),
-                    "reuse_start": torch.zeros(self.rows, dtype=torch.long, device=self.device),
-                    "reuse_end": torch.zeros(self.rows, dtype=torch.long, device=self.device),
-                }
             shape = (self.rows, self.block_size, self.hidden)
-            entry = {
-                "reuse_output": torch.zeros(shape, dtype=self.dtype, device=self.device),
-                "reuse_input": torch.zeros(shape, dtype=self.dtype, device=self.device),
-                **self.reuse_meta,
-            }
+            entry = {"reuse_output": torch.zeros(shape, dtype=self.dtype, device=self.device),
+                     "reuse_input": torch.zeros(shape, dtype=self.dtype, device=self.device)}
             self.reuse[layer] = entry
         return entry
 
@@ -164,9 +145,7 @@ class StaticBlockDiffusionCache(BlockDiffusionCache):
             layer.values = store.values[i][:batch_size, :, :capacity]
             layer.is_initialized = True
         for i in reuse_layers:
-            entry = store.reuse_entry(i)
-            entry["reuse_tag"].fill_(-1)
-            for name, t in entry.items():
+            for name, t in store.reuse_entry(i).items():
                 setattr(self.layers[i], name, t[:batch_size])
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
@@ -184,14 +163,6 @@ class StaticBlockDiffusionCache(BlockDiffusionCache):
                     base = entry[name]
                     base[:n].copy_(getattr(layer, name).index_select(0, idx))
                     setattr(layer, name, base[:n])
-        meta = self.store.reuse_meta
-        if meta is not None:
-            for name, base in meta.items():
-                base[:n].copy_(base[: self.num_rows].index_select(0, idx))
-            for layer in self.layers:
-                if layer.reuse_output is not None:
-                    for name, base in meta.items():
-                        setattr(layer, name, base[:n])
         self.num_rows = n
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -207,8 +178,7 @@ class PassKey:
 
     rb: int  # rows forwarding their whole block
     rs: int  # rows forwarding their current sub-block
-    mode: str  # PassMode
-    reuse_layers: tuple[int, ...]
+    actions: tuple[LayerAction, ...]  # per layer
     residual: bool
     commit: bool  # a block commit: greedy next token from the last slot; otherwise a denoising step
     contiguous_b: bool  # block rows are 0..rb-1 (attend to a slice, no gather)
@@ -223,18 +193,56 @@ def _rotary_function(layer):
     return module.apply_rotary_pos_emb
 
 
+def _adjacent_view(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """The tensors as one [sum of rows, ...] view if they already lie back to back in one storage."""
+    first = tensors[0]
+    at = first.data_ptr()
+    for t in tensors:
+        if not t.is_contiguous() or t.data_ptr() != at or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr():
+            return None
+        at += t.numel() * t.element_size()
+    rows = sum(t.shape[0] for t in tensors)
+    return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(), (rows, *first.shape[1:]))
+
+
+def share_qkv_storage(attn) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """q/k/v projection weights (and biases) as one tensor each, by moving the three parameters
+    into one storage: the parameters become views of it, so nothing is copied twice and the
+    module computes exactly what it did. One matrix product then replaces three small ones."""
+    projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+    fused = []
+    for name in ("weight", "bias"):
+        params = [getattr(p, name) for p in projections]
+        if any(t is None for t in params):
+            fused.append(None)
+            continue
+        view = _adjacent_view([t.data for t in params])
+        if view is None:
+            view = torch.cat([t.data for t in params])
+            at = 0
+            for t in params:
+                t.data = view[at: at + t.shape[0]]
+                at += t.shape[0]
+        fused.append(view)
+    return fused[0], fused[1]
+
+
 class LayerMath:
-    """One decoder layer's work around the packed attention, through the model's own modules."""
+    """One decoder layer's work around the packed attention, through the model's own modules:
+    its norms, o_proj and MLP, and transformers' `apply_rotary_pos_emb`. q/k/v are one matrix
+    product over their shared storage (`share_qkv_storage`)."""
 
-    def __init__(self, rotary):
+    def __init__(self, rotary, n_heads: int, n_kv: int, head_dim: int):
         self.rotary = rotary
+        self.sizes = (n_heads * head_dim, n_kv * head_dim, n_kv * head_dim)
+        self.n_heads, self.n_kv, self.head_dim = n_heads, n_kv, head_dim
 
-    def pre_attention(self, layer, x, cos, sin, n_heads: int, n_kv: int, head_dim: int):
-        attn = layer.self_attn
+    def pre_attention(self, layer, qkv_weight, qkv_bias, x, cos, sin):
         h = layer.input_layernorm(x)
-        q = attn.q_proj(h).view(-1, n_heads, head_dim)
-        k = attn.k_proj(h).view(-1, n_kv, head_dim)
-        v = attn.v_proj(h).view(-1, n_kv, head_dim)
+        q, k, v = F.linear(h, qkv_weight, qkv_bias).split(self.sizes, dim=-1)
+        q = q.reshape(-1, self.n_heads, self.head_dim)
+        k = k.reshape(-1, self.n_kv, self.head_dim)
+        v = v.reshape(-1, self.n_kv, self.head_dim)
         q, k = self.rotary(q, k, cos, sin, unsqueeze_dim=1)
         return q, k, v
 
@@ -293,8 +301,9 @@ class GraphedEngine(Engine):
         self.head_dim = int(attn.head_dim)
         self.scaling = float(attn.scaling)
         self.hidden = int(cfg.hidden_size)
+        self.qkv = [share_qkv_storage(layer.self_attn) for layer in runner.layers]
         self.fingerprint = self._fingerprint(runner)
-        self.math = LayerMath(_rotary_function(runner.layers[0]))
+        self.math = LayerMath(_rotary_function(runner.layers[0]), self.n_heads, self.n_kv, self.head_dim)
         self._set_layer_functions(self.compile_layers)
 
     def _set_layer_functions(self, compiled: bool) -> None:
@@ -308,7 +317,8 @@ class GraphedEngine(Engine):
     def _fingerprint(runner):
         params = [runner.embed.weight, runner.lm_head.weight]
         for layer in runner.layers:
-            params += [layer.self_attn.q_proj.weight, layer.mlp.down_proj.weight]
+            attn = layer.self_attn
+            params += [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, layer.mlp.down_proj.weight]
         return tuple((p.data_ptr(), tuple(p.shape), p.dtype) for p in params)
 
     def bind(self, runner, settings, generator=None) -> None:
@@ -397,10 +407,10 @@ class GraphedEngine(Engine):
         ar = st.ar_cap
         mask_b = ((ar[None, :] >= st.pad[rows_b][:, None]) & (ar[None, :] < limit))[:, None, None, :] if rb else None
         mask_s = ((ar[None, :] >= st.pad[rows_s][:, None]) & (ar[None, :] < limit))[:, None, None, :] if rs else None
-        reuse = frozenset(key.reuse_layers)
         rows_R = f["rows_R"][:n_rows]
         for i, layer in enumerate(runner.layers):
-            if key.mode == PassMode.RECALL and i in reuse:
+            action = key.actions[i]
+            if action is LayerAction.RECALL:
                 entry = st.reuse[i]
                 out = entry["reuse_output"][rows_T, bslot_T]
                 if key.residual:
@@ -408,7 +418,7 @@ class GraphedEngine(Engine):
                 x = out
                 continue
             x_in = x
-            q, k, v = self.pre(layer, x, cos, sin, self.n_heads, self.n_kv, self.head_dim)
+            q, k, v = self.pre(layer, *self.qkv[i], x, cos, sin)
             st.keys[i][rows_T, :, slot_T] = k
             st.values[i][rows_T, :, slot_T] = v
             parts = []
@@ -420,15 +430,11 @@ class GraphedEngine(Engine):
                                           rows_s, key.contiguous_s, mask_s))
             attended = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
             x = self.post(layer, x, attended)
-            if key.mode == PassMode.STORE and i in reuse:
+            if action is LayerAction.STORE:
                 entry = st.reuse[i]
                 entry["reuse_output"][rows_T, bslot_T] = x
                 if key.residual:  # only residual recalls read the stored input
                     entry["reuse_input"][rows_T, bslot_T] = x_in
-        if key.mode == PassMode.STORE:
-            st.reuse_meta["reuse_tag"][rows_R] = f["tags"][:n_rows]
-            st.reuse_meta["reuse_start"][rows_R] = f["start"][:n_rows]
-            st.reuse_meta["reuse_end"][rows_R] = f["end"][:n_rows]
         if key.commit:
             last = torch.arange(n_rows, device=x.device) * bs + bs - 1
             st.out_tok[:n_rows].copy_(choose_tokens(runner.logits(runner.norm(x[last])), mask_token_id=key.mask_id)[0])
@@ -496,11 +502,12 @@ class GraphedEngine(Engine):
         self.capture_seconds += time.perf_counter() - t0
 
     # -- the decoder's requests ------------------------------------------------------------------
-    def _key(self, rb, rs, mode, reuse_layers, commit, contiguous_b, contiguous_s) -> PassKey:
+    def _key(self, rb, rs, actions, commit, contiguous_b, contiguous_s) -> PassKey:
         s = self.settings
-        residual = s.layer_reuse is not None and s.layer_reuse.mode == "residual"
-        return PassKey(rb, rs, mode, reuse_layers if mode != PassMode.NONE else (), residual and mode != PassMode.NONE,
-                       commit, contiguous_b, contiguous_s, float(s.threshold), int(s.mask_token_id))
+        uses_reuse = any(action is not LayerAction.RUN for action in actions)
+        residual = s.layer_reuse is not None and s.layer_reuse.mode == "residual" and uses_reuse
+        return PassKey(rb, rs, actions, residual, commit, contiguous_b, contiguous_s, float(s.threshold),
+                       int(s.mask_token_id))
 
     def _load_state(self, block, pad, finished) -> None:
         st = self.store
@@ -535,16 +542,8 @@ class GraphedEngine(Engine):
             values = {"rows_T": rows_T, "bslot_T": bslot_T, "rows_b": rows_np[:rb], "rows_s": rows_np[rb:],
                       "rows_R": rows_np, "sub_start": sub_start, "tok_start": tok_start,
                       "P": np.asarray([self.cache.prefix_len], dtype=np.int64)}
-            stores, recalls = LayerAction.STORE in actions, LayerAction.RECALL in actions
-            mode = PassMode.STORE if stores else (PassMode.RECALL if recalls else PassMode.NONE)
-            reuse_layers = tuple(i for i, a in enumerate(actions) if a is not LayerAction.RUN)
-            if mode == PassMode.STORE:
-                spans = np.asarray([reuse_span(p.kind, sub, bs, sbs) for p in plans for sub in p.subs], dtype=np.int64)
-                values["tags"] = np.asarray([t for p in plans for t in p.tags], dtype=np.int64)
-                values["start"], values["end"] = spans[:, 0], spans[:, 1]
             st.upload(values)
-            self._run(self._key(rb, rs, mode, reuse_layers, False, rb_rows == list(range(rb)),
-                                rb == 0 and rs_rows == list(range(rs))))
+            self._run(self._key(rb, rs, actions, False, rb_rows == list(range(rb)), rb == 0 and rs_rows == list(range(rs))))
             if want_unmasked:
                 result = st.unmask[: rb + rs].clone()
                 if block_plan is not None:
@@ -563,6 +562,6 @@ class GraphedEngine(Engine):
         rows = np.arange(n, dtype=np.int64)
         st.upload({"rows_T": np.repeat(rows, bs), "bslot_T": np.tile(np.arange(bs, dtype=np.int64), n),
                    "rows_b": rows, "rows_R": rows, "P": np.asarray([self.cache.prefix_len], dtype=np.int64)})
-        self._run(self._key(n, 0, PassMode.NONE, (), True, True, False))
+        self._run(self._key(n, 0, (LayerAction.RUN,) * self.runner.num_layers, True, True, False))
         self.cache.advance(bs)
         return st.out_tok[:n].clone()

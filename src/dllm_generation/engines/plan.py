@@ -65,10 +65,12 @@ class ForwardPlan:
 StepPlan = tuple[ForwardPlan, ...]
 
 
-def layer_actions(num_layers: int, reuse_layers: frozenset[int], compute: bool) -> tuple[LayerAction, ...]:
-    """The per-layer actions of a forward whose reuse schedule says compute (store) or recall."""
-    target = LayerAction.STORE if compute else LayerAction.RECALL
-    return tuple(target if i in reuse_layers else LayerAction.RUN for i in range(num_layers))
+def layer_actions(num_layers: int, targets: tuple[int, ...], computes: tuple[bool, ...]) -> tuple[LayerAction, ...]:
+    """Per-layer actions of a forward: target layer `targets[j]` stores if `computes[j]`, else recalls."""
+    actions = [LayerAction.RUN] * num_layers
+    for layer, compute in zip(targets, computes):
+        actions[layer] = LayerAction.STORE if compute else LayerAction.RECALL
+    return tuple(actions)
 
 
 def reuse_span(kind: ForwardKind, sub: int, block_size: int, small_block_size: int) -> tuple[int, int]:
