@@ -3,16 +3,31 @@
 
 Workload: random weights of the checkpoint's exact shape (default: Fast_dLLM_v2_7B's config.json),
 bf16, SDPA; prompts of 96-160 random tokens; 256 new tokens; block 32, sub-block 8, threshold
-0.9. With random weights every step unmasks exactly one token per row, so the work is fixed.
-Grid: batch sizes x block cache on/off x (no layer reuse, k in {1,2,3} x {first, middle, last})
-x fast path on/off. Warm-up runs (same prompts, so every CUDA graph a timed run needs exists)
-are excluded from the timings.
+0.9. Grid: batch sizes x block cache on/off x (no layer reuse, k in {1,2,3} x {first, middle, last},
+or unmask-drift tolerances) x fast path on/off, under one or both workloads:
 
-Prints one table: tokens/s, ms per forward (wall / forwards), forwards, layer executions,
-speedup over our own run without layer reuse (same batch, cache, path) and its bound from the
-counted layer executions (executions without reuse / executions at this config), and, where
-both paths ran, the token agreement between the fast and the plain path. Exits 1 if any run
-failed.
+* `--workload random`: the weights as built. Every step unmasks exactly one token per row.
+* `--workload target`: a trained model unmasks several tokens per step (Fast_dLLM_v2_7B reports
+  about 2-3 per forward on GSM8K). The final norm's weight is scaled by a factor alpha, found by
+  bisection on a batch-1 calibration decode, so that tokens per forward hits `--target-tpf`; the
+  lm_head rows of the stop ids are zeroed so that no row stops early. The decoding rule and the
+  kernels are the real ones; only how many tokens clear the threshold per step changes
+  (benchmarks/workload.py says how and why).
+
+Warm-up runs (same prompts, so every CUDA graph a timed run needs exists) are excluded from the
+timings. In the same process, on the same device and weights, it also measures the weights-stream
+floor (the time to read every weight once; `xfloor` = ms per forward / floor) and the
+autoregressive alternative: transformers' own `generate`, greedy, static cache (compiled by
+transformers on CUDA), the same prompts, exactly `--new-tokens` tokens (benchmarks/baselines.py).
+
+Prints one table: tokens/s, tokens per forward, ms per forward (wall / forwards), its multiple of
+the floor, forwards, layer executions, speedup over our own run without layer reuse (same workload,
+batch, cache, path), its bound from the counted layer executions (executions without reuse /
+executions at this config) and the share of the bound reached, the ratio to the plain path, to the
+autoregressive baseline at the same batch and, with `--reference-json`, to the reference sampler
+(benchmarks/reference.py gives the file format), and the token agreement between the fast and the
+plain path. Exits 1 if any run failed; bad arguments end with one line and exit 2 before any model
+is built.
 
     hf download Efficient-Large-Model/Fast_dLLM_v2_7B config.json --local-dir fast_dllm_v2_7b
     python benchmarks/throughput.py --config fast_dllm_v2_7b/config.json --json-out results.json
@@ -34,6 +49,12 @@ import torch
 
 from dllm_generation.eval.cli import parse_size
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the measurement modules beside this script
+from baselines import ArMode, autoregressive_run, weights_stream_floor  # noqa: E402
+from reference import ReferenceFileError, load_reference, reference_tokens_per_second  # noqa: E402
+from workload import (WORKLOAD_CHOICES, Workload, WorkloadWeights, calibrate_alpha,  # noqa: E402
+                      stop_token_ids)
+
 # Without --config: the Fast_dLLM_v2_7B config.json in the data folder beside the repository, if present.
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "fast_dllm_v2_7b", "config.json")
 MASK_ID, EOS_ID, PAD_ID = 151665, 151645, 151643
@@ -41,17 +62,26 @@ TINY = dict(num_hidden_layers=4, hidden_size=64, intermediate_size=128, num_atte
             num_key_value_heads=2, vocab_size=512, max_position_embeddings=2048)
 # --tiny's grid, for every option left unset: small enough for a CPU in about a minute.
 TINY_GRID = dict(batch_sizes="1,3", new_tokens=40, k="2", subsets="first,last", cache="on,off",
-                 fast_path="eager,off", warmup="short")
+                 fast_path="eager,off", warmup="short", ar=ArMode.EAGER.value)
 FULL_GRID = dict(batch_sizes="1,8,32", new_tokens=256, k="1,2,3", subsets="first,middle,last", cache="on,off",
-                 fast_path="on,off", warmup="full")
+                 fast_path="on,off", warmup="full", ar=ArMode.STATIC.value)
+POLICY_FIXED, POLICY_DRIFT = "fixed", "unmask_drift"  # LayerReuseConfig.policy values the grid can run
+CACHE_VALUES = ("on", "off")
 
 
 def _csv(value, cast=str):
     return [cast(v) for v in str(value).split(",") if v != ""]
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Bad arguments end with one line naming the option and the allowed values, and exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", default=None,
                    help="the checkpoint's config.json giving the model shape (default: ../shared/data/fast_dllm_v2_7b/ "
                         "beside the repository)")
@@ -67,7 +97,18 @@ def parse_args(argv=None):
     p.add_argument("--small-block-size", type=int, default=8)
     p.add_argument("--threshold", type=float, default=0.9)
     p.add_argument("--cache", default=None, help=f"block cache settings to run (default: {FULL_GRID['cache']})")
-    p.add_argument("--k", default=None, help=f"layer-reuse k values (default: {FULL_GRID['k']})")
+    p.add_argument("--workload", default="random", choices=tuple(WORKLOAD_CHOICES),
+                   help="random: the weights as built (one token per step); target: logits scaled so that a batch-1 "
+                        "decode unmasks --target-tpf tokens per forward; both: the grid under each")
+    p.add_argument("--target-tpf", type=float, default=2.5,
+                   help="tokens per forward the target workload is calibrated to (batch 1, block cache on, no reuse)")
+    p.add_argument("--calibration-tokens", type=int, default=64, help="new tokens of each calibration decode")
+    p.add_argument("--policy", default=POLICY_FIXED,
+                   help=f"comma list of reuse policies: {POLICY_FIXED} (recompute every k steps: --k) and/or "
+                        f"{POLICY_DRIFT} (recompute once more than --tolerance of the sub-block was unmasked)")
+    p.add_argument("--k", default=None, help=f"layer-reuse k values of the fixed policy (default: {FULL_GRID['k']})")
+    p.add_argument("--tolerance", default=None, help=f"comma list of {POLICY_DRIFT} tolerances in [0, 1]")
+    p.add_argument("--max-staleness", type=int, default=None, help=f"{POLICY_DRIFT}: recompute an entry this many steps old")
     p.add_argument("--subsets", default=None, help=f"default: {FULL_GRID['subsets']}")
     p.add_argument("--reuse-size", type=parse_size, default=None,
                    help="layers in the reuse subset: a count (12) or a share of the layers (0.5); default: "
@@ -88,6 +129,17 @@ def parse_args(argv=None):
     p.add_argument("--short-warmup-batches", default="",
                    help="batch sizes whose fast-path warm-up is 2 blocks only (batch 1 meets every pass shape in 2 "
                         "blocks; a timed run's 'captures' in the JSON shows any shape it met first)")
+    p.add_argument("--no-floor", action="store_true", help="skip the weights-stream floor (and the xfloor column)")
+    p.add_argument("--floor-repeats", type=int, default=5, help="timed reads of the floor buffer (the best is kept)")
+    p.add_argument("--ar", default=None, choices=tuple(m.value for m in ArMode),
+                   help="autoregressive baseline (transformers' generate): static (static cache, compiled by "
+                        "transformers on CUDA), eager (dynamic cache, no compile), off (default: static; --tiny: eager)")
+    p.add_argument("--ar-batch-sizes", default=None,
+                   help="batch sizes of the autoregressive baseline (default: --batch-sizes); each new batch size "
+                        "costs a compile on CUDA")
+    p.add_argument("--reference-json", default=None,
+                   help="tok/s of the reference Fast-dLLM v2 sampler per (batch, cache), measured in another process "
+                        "(format: benchmarks/reference.py); adds the 'vs ref' column")
     p.add_argument("--init-std", type=float, default=0.02)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json-out", default=None, help="write all results (and environment) here, updated after every run")
@@ -109,7 +161,67 @@ def parse_args(argv=None):
         args.dtype = args.dtype or "float32"
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    validate_args(args, p)
     return args
+
+
+def _positive_ints(p, option: str, value) -> list[int]:
+    try:
+        values = _csv(value, int)
+    except ValueError:
+        p.error(f"{option} must be a comma list of positive integers, got {value!r}")
+    if not values or any(v <= 0 for v in values):
+        p.error(f"{option} must be a comma list of positive integers, got {value!r}")
+    return values
+
+
+def validate_args(args, p) -> None:
+    """Every grid option, checked before any model is built; `p.error` prints one line and exits 2."""
+    for option, value in (("--batch-sizes", args.batch_sizes), ("--k", args.k)):
+        _positive_ints(p, option, value)
+    for option, value in (("--plain-batch-sizes", args.plain_batch_sizes), ("--ar-batch-sizes", args.ar_batch_sizes)):
+        if value is not None:
+            _positive_ints(p, option, value)
+    for option, value in (("--new-tokens", args.new_tokens), ("--calibration-tokens", args.calibration_tokens),
+                          ("--floor-repeats", args.floor_repeats)):
+        if value <= 0:
+            p.error(f"{option} must be a positive integer, got {value}")
+    bad = [c for c in _csv(args.cache) if c not in CACHE_VALUES]
+    if bad or not _csv(args.cache):
+        p.error(f"--cache takes a comma list of {list(CACHE_VALUES)}, got {args.cache!r}")
+    bad = [v for v in _csv(args.fast_path) if v not in PATH_VALUES]
+    if bad or not _csv(args.fast_path):
+        p.error(f"--fast-path takes a comma list of {list(PATH_VALUES)}, got {args.fast_path!r}")
+    policies = _csv(args.policy)
+    bad = [v for v in policies if v not in (POLICY_FIXED, POLICY_DRIFT)]
+    if bad or not policies:
+        p.error(f"--policy takes a comma list of {[POLICY_FIXED, POLICY_DRIFT]}, got {args.policy!r}")
+    if args.tolerance is not None:
+        try:
+            tolerances = _csv(args.tolerance, float)
+        except ValueError:
+            tolerances = []
+        if not tolerances or any(not 0.0 <= t <= 1.0 for t in tolerances):
+            p.error(f"--tolerance takes a comma list of numbers in [0, 1] (a share of the sub-block), got {args.tolerance!r}")
+    if args.max_staleness is not None and args.max_staleness < 1:
+        p.error(f"--max-staleness must be an integer >= 1 (steps), got {args.max_staleness}")
+    if POLICY_DRIFT in policies and args.tolerance is None:
+        p.error(f"--policy {POLICY_DRIFT} needs --tolerance (a comma list of numbers in [0, 1])")
+    if POLICY_DRIFT not in policies and (args.tolerance is not None or args.max_staleness is not None):
+        p.error(f"--tolerance and --max-staleness apply to --policy {POLICY_DRIFT} only (got --policy {args.policy})")
+    if not 1.0 < args.target_tpf <= args.small_block_size:
+        p.error(f"--target-tpf must be a number in (1, {args.small_block_size}] (tokens per forward; a step unmasks at "
+                f"most one sub-block of --small-block-size tokens), got {args.target_tpf}")
+    try:
+        args.reuse_grid = reuse_grid(args)
+    except ValueError as err:  # LayerReuseConfig's own validation, e.g. a subset name
+        p.error(f"layer-reuse grid (--k/--subsets/--policy/--tolerance/--max-staleness/--reuse-size): {err}")
+    args.reference = None
+    if args.reference_json is not None:
+        try:
+            args.reference = load_reference(args.reference_json)
+        except ReferenceFileError as err:
+            p.error(str(err))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -220,12 +332,22 @@ def run_one(model, args, ids, mask, *, cache: bool, reuse, path: str, new_tokens
 
 
 def reuse_grid(args):
+    """(label, LayerReuseConfig or None) per reuse cell: fixed k x subsets, then drift tolerances x subsets."""
     from dllm_generation import LayerReuseConfig
 
     grid = [] if args.no_baseline else [("none", None)]
-    for k in _csv(args.k, int):
-        for subset in _csv(args.subsets):
-            grid.append((f"k{k}-{subset}", LayerReuseConfig(k=k, subset=subset, **_size_kwarg(args))))
+    policies = _csv(args.policy)
+    if POLICY_FIXED in policies:
+        for k in _csv(args.k, int):
+            for subset in _csv(args.subsets):
+                grid.append((f"k{k}-{subset}", LayerReuseConfig(k=k, subset=subset, **_size_kwarg(args))))
+    if POLICY_DRIFT in policies:
+        stale = "" if args.max_staleness is None else f"-s{args.max_staleness}"
+        for tolerance in _csv(args.tolerance, float):
+            for subset in _csv(args.subsets):
+                grid.append((f"drift{tolerance:g}{stale}-{subset}",
+                             LayerReuseConfig(k=1, subset=subset, policy=POLICY_DRIFT, tolerance=tolerance,
+                                              max_staleness=args.max_staleness, **_size_kwarg(args))))
     return grid
 
 
@@ -252,6 +374,59 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------
+def timed_diffusion_run(model, args, ids, mask, *, cache: bool, reuse, path: str, plain_warmed: bool):
+    """Warm-up (unless the plain path already ran at this batch: it has nothing to capture), then the timed
+    runs; returns the record and the last run's tokens."""
+    warm = 0.0
+    batch = ids.shape[0]
+    if args.warmup != "none" and (path != "off" or not plain_warmed):
+        short = args.warmup == "short" or path == "off" or batch in _csv(args.short_warmup_batches, int)
+        t0 = time.perf_counter()
+        run_one(model, args, ids, mask, cache=cache, reuse=reuse, path=path,
+                new_tokens=2 * args.block_size if short else args.new_tokens)
+        warm = time.perf_counter() - t0
+    walls, stats, seq = [], None, None
+    for _ in range(max(1, args.repeats)):
+        seq, stats, wall = run_one(model, args, ids, mask, cache=cache, reuse=reuse, path=path, new_tokens=args.new_tokens)
+        walls.append(wall)
+    wall = sorted(walls)[len(walls) // 2]
+    rec = {"path": path, "wall_seconds": round(wall, 4), "walls": [round(w, 4) for w in walls],
+           "warmup_seconds": round(warm, 2), "generated_tokens": stats["generated_tokens"],
+           "full_length": stats["generated_tokens"] == batch * args.new_tokens,
+           "tokens_per_second": round(stats["generated_tokens"] / wall, 2),
+           "tokens_per_forward": round(stats["tokens_per_forward"], 4),
+           "ms_per_forward": round(1000 * wall / stats["forwards"], 3),
+           **{k: stats[k] for k in ("forwards", "denoising_steps", "layer_calls", "layer_calls_skipped")},
+           **{k: stats.get(k) for k in ("prefill_forwards", "commit_forwards", "block_forwards", "sub_block_forwards")},
+           "fast_path": stats.get("fast_path")}  # kept as the library reports it
+    return rec, seq
+
+
+CALIBRATION_SEED_OFFSET = 11  # the calibration decode's prompt differs from the timed batch-1 prompt
+
+
+def calibrate_target(model, args, vocab_high: int, weights: WorkloadWeights) -> dict:
+    """Find alpha for the target workload on a batch-1 decode (block cache on, no reuse, plain path)."""
+    ids, mask = make_prompts(args, 1, vocab_high, seed_offset=CALIBRATION_SEED_OFFSET)
+    generated = {}
+
+    def measure(alpha: float) -> float:
+        weights.set(Workload.TARGET, alpha)
+        _, stats, _ = run_one(model, args, ids, mask, cache=True, reuse=None, path="off", new_tokens=args.calibration_tokens)
+        generated[alpha] = stats["generated_tokens"]
+        return stats["tokens_per_forward"]
+
+    calibration = calibrate_alpha(measure, args.target_tpf, log=lambda line: print(line, flush=True))
+    return {**calibration.as_dict(), "full_length": generated[calibration.alpha] == args.calibration_tokens,
+            "decode": {"batch": 1, "cache": "on", "path": "off", "reuse": "none", "new_tokens": args.calibration_tokens,
+                       "prompt_tokens": int(mask.sum())},
+            "stop_ids_excluded": weights.stop_ids}
+
+
+def _jsonable_args(args) -> dict:
+    return {k: v for k, v in vars(args).items() if k not in ("reuse_grid", "reference")}
+
+
 def main(argv=None):
     args = parse_args(argv)
     t_start = time.perf_counter()
@@ -267,7 +442,10 @@ def main(argv=None):
                                             "num_key_value_heads", "vocab_size")}
     env["params_billion"] = round(sum(p.numel() for p in model.parameters()) / 1e9, 3)
     print(f"model: {env['model']} ({env['params_billion']} B params) built in {env['model_build_seconds']} s", flush=True)
-    results: dict = {"environment": env, "args": vars(args), "runs": [], "errors": [], "profiles": {}, "agreement_check": []}
+    results: dict = {"environment": env, "args": _jsonable_args(args), "runs": [], "autoregressive": [], "errors": [],
+                     "profiles": {}, "agreement_check": []}
+    if args.reference is not None:
+        results["reference"] = args.reference
 
     def save():
         if args.json_out:
@@ -279,76 +457,113 @@ def main(argv=None):
     def out_of_time():
         return args.time_budget is not None and time.perf_counter() - t_start > args.time_budget
 
+    def failed(name: str, err: Exception):
+        results["errors"].append({"run": name, "error": f"{type(err).__name__}: {err}",
+                                  "traceback": traceback.format_exc()[-3000:]})
+        print(f"{name}: FAILED {type(err).__name__}: {err}", flush=True)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+
+    if not args.no_floor:
+        try:
+            env["weights_floor"] = floor = weights_stream_floor(model, repeats=args.floor_repeats)
+            print(f"weights-stream floor: {floor['gigabytes']} GB read in {floor['ms']} ms ({floor['gb_per_second']} GB/s, "
+                  f"{floor['reduction']}, best of {floor['repeats']})", flush=True)
+        except Exception as err:  # the grid still runs; its table lacks the xfloor column
+            failed("weights-stream floor", err)
+        save()
+
+    workloads = list(WORKLOAD_CHOICES[args.workload])
+    weights = WorkloadWeights(model, stop_token_ids(model.generation_config))
+    alpha = 1.0
+    if Workload.TARGET in workloads:
+        try:
+            results["workload"] = cal = calibrate_target(model, args, vocab_high, weights)
+            print(f"target workload: alpha {cal['alpha']:.4g} gives {cal['tokens_per_forward']:.3f} tokens/forward "
+                  f"(target {args.target_tpf}, batch 1, {args.calibration_tokens} new tokens); stop ids "
+                  f"{cal['stop_ids_excluded']} excluded; full length: {cal['full_length']}", flush=True)
+            if not (cal["within_tolerance"] and cal["full_length"]):
+                raise RuntimeError(f"calibration missed: {cal['tokens_per_forward']:.3f} tokens/forward for target "
+                                   f"{args.target_tpf} (+-{cal['tolerance']:.0%}), full length {cal['full_length']}")
+            alpha = cal["alpha"]
+        except Exception as err:  # no target rows rather than mislabelled ones
+            failed("target workload calibration", err)
+            workloads.remove(Workload.TARGET)
+        weights.set(Workload.RANDOM)
+        save()
+
     paths = _csv(args.fast_path)
     batches = _csv(args.batch_sizes, int)
     plain_batches = _csv(args.plain_batch_sizes, int) if args.plain_batch_sizes else batches
     caches = [c == "on" for c in _csv(args.cache)]
-    grid = reuse_grid(args)
+    grid = args.reuse_grid
     sequences: dict = {}
     warmed_plain: set = set()
     for batch in batches:
         ids, mask = make_prompts(args, batch, vocab_high)
-        for cache in caches:
-            for label, reuse in grid:
-                for path in paths:
-                    if path == "off" and (batch not in plain_batches or (args.plain_grid == "baseline" and reuse is not None)
-                                          or args.plain_grid == "none"):
-                        continue
-                    if not selected(args, batch, cache, label):
-                        continue
-                    if out_of_time():
-                        results["errors"].append({"skipped": "time budget", "batch": batch, "cache": cache,
-                                                  "reuse": label, "path": path})
-                        continue
-                    name = f"b{batch} cache={'on' if cache else 'off'} {label} path={path}"
-                    try:
-                        warm = 0.0
-                        if args.warmup != "none" and (path != "off" or batch not in warmed_plain):
-                            short = args.warmup == "short" or path == "off" or batch in _csv(args.short_warmup_batches, int)
-                            n = 2 * args.block_size if short else args.new_tokens
-                            t0 = time.perf_counter()
-                            run_one(model, args, ids, mask, cache=cache, reuse=reuse, path=path, new_tokens=n)
-                            warm = time.perf_counter() - t0
-                            warmed_plain.add(batch) if path == "off" else None
-                        walls, stats, seq = [], None, None
-                        for _ in range(max(1, args.repeats)):
-                            seq, stats, wall = run_one(model, args, ids, mask, cache=cache, reuse=reuse, path=path,
-                                                       new_tokens=args.new_tokens)
-                            walls.append(wall)
-                        wall = sorted(walls)[len(walls) // 2]
-                        rec = {"batch": batch, "cache": cache, "reuse": label, "path": path, "wall_seconds": round(wall, 4),
-                               "walls": [round(w, 4) for w in walls], "warmup_seconds": round(warm, 2),
-                               "generated_tokens": stats["generated_tokens"],
-                               "tokens_per_second": round(stats["generated_tokens"] / wall, 2),
-                               "ms_per_forward": round(1000 * wall / stats["forwards"], 3),
-                               **{k: stats[k] for k in ("forwards", "prefill_forwards", "commit_forwards", "block_forwards",
-                                                        "sub_block_forwards", "denoising_steps", "layer_calls",
-                                                        "layer_calls_skipped")},
-                               "fast_path": stats.get("fast_path")}
-                        sequences[(batch, cache, label, path)] = seq
-                        plain = sequences.get((batch, cache, label, "off"))
-                        if path != "off" and plain is not None:
-                            rec.update(agreement(seq, plain))
-                        results["runs"].append(rec)
-                        print(f"{name}: {rec['tokens_per_second']} tok/s, {rec['ms_per_forward']} ms/fwd, "
-                              f"{rec['forwards']} fwd, {rec['layer_calls']} layer execs, warm-up {warm:.1f}s, "
-                              f"fast={rec['fast_path'] if isinstance(rec['fast_path'], str) else rec['fast_path'].get('mode')}",
-                              flush=True)
-                    except Exception as err:  # keep the table: one failure must not lose the rest
-                        results["errors"].append({"run": name, "error": f"{type(err).__name__}: {err}",
-                                                  "traceback": traceback.format_exc()[-3000:]})
-                        print(f"{name}: FAILED {type(err).__name__}: {err}", flush=True)
-                        if args.device.startswith("cuda"):
-                            torch.cuda.synchronize()
-                            torch.cuda.empty_cache()
-                    save()
+        for workload in workloads:
+            weights.set(workload, alpha)
+            for cache in caches:
+                for label, reuse in grid:
+                    for path in paths:
+                        if path == "off" and (batch not in plain_batches or args.plain_grid == "none"
+                                              or (args.plain_grid == "baseline" and reuse is not None)):
+                            continue
+                        if not selected(args, batch, cache, label):
+                            continue
+                        if out_of_time():
+                            results["errors"].append({"skipped": "time budget", "workload": workload.value, "batch": batch,
+                                                      "cache": cache, "reuse": label, "path": path})
+                            continue
+                        name = f"{workload.value} b{batch} cache={'on' if cache else 'off'} {label} path={path}"
+                        try:
+                            rec, seq = timed_diffusion_run(model, args, ids, mask, cache=cache, reuse=reuse, path=path,
+                                                           plain_warmed=batch in warmed_plain)
+                            if path == "off":
+                                warmed_plain.add(batch)
+                            rec = {"workload": workload.value, "batch": batch, "cache": cache, "reuse": label, **rec}
+                            key = (workload.value, batch, cache, label)
+                            sequences[key + (path,)] = seq
+                            plain = sequences.get(key + ("off",))
+                            if path != "off" and plain is not None:
+                                rec.update(agreement(seq, plain))
+                            results["runs"].append(rec)
+                            if not rec["full_length"] and workload is Workload.TARGET:
+                                raise RuntimeError(f"rows stopped early: {rec['generated_tokens']} tokens of "
+                                                   f"{batch * args.new_tokens}")
+                            fast = rec["fast_path"]
+                            print(f"{name}: {rec['tokens_per_second']} tok/s, {rec['tokens_per_forward']:.2f} tok/fwd, "
+                                  f"{rec['ms_per_forward']} ms/fwd, {rec['forwards']} fwd, {rec['layer_calls']} layer execs, "
+                                  f"warm-up {rec['warmup_seconds']:.1f}s, "
+                                  f"fast={fast.get('mode') if isinstance(fast, dict) else fast}", flush=True)
+                        except Exception as err:  # keep the table: one failure must not lose the rest
+                            failed(name, err)
+                        save()
         # Fast-vs-plain agreement for fast runs that ran before their plain twin.
         for rec in results["runs"]:
-            if rec["path"] != "off" and "token_agreement" not in rec:
-                plain = sequences.get((rec["batch"], rec["cache"], rec["reuse"], "off"))
-                if plain is not None:
-                    rec.update(agreement(sequences[(rec["batch"], rec["cache"], rec["reuse"], rec["path"])], plain))
+            key = (rec["workload"], rec["batch"], rec["cache"], rec["reuse"])
+            if rec["path"] != "off" and "token_agreement" not in rec and key + ("off",) in sequences:
+                rec.update(agreement(sequences[key + (rec["path"],)], sequences[key + ("off",)]))
         save()
+    weights.set(Workload.RANDOM)
+
+    if args.ar != ArMode.OFF.value:
+        for batch in _csv(args.ar_batch_sizes, int) if args.ar_batch_sizes else batches:
+            name = f"b{batch} ar-{args.ar}"
+            if out_of_time():
+                results["errors"].append({"skipped": "time budget", "batch": batch, "path": f"ar-{args.ar}"})
+                continue
+            print(f"{name}: warm-up (transformers compiles on CUDA with a static cache) ...", flush=True)
+            try:
+                ids, mask = make_prompts(args, batch, vocab_high)
+                rec = autoregressive_run(model, ids, mask, args.new_tokens, ArMode(args.ar), repeats=args.repeats)
+                results["autoregressive"].append(rec)
+                print(f"{name}: {rec['tokens_per_second']} tok/s, {rec['ms_per_token']} ms/token, "
+                      f"warm-up {rec['warmup_seconds']:.1f}s", flush=True)
+            except Exception as err:
+                failed(name, err)
+            save()
 
     if args.profile and not out_of_time():
         for path in _csv(args.profile):
@@ -439,7 +654,7 @@ def agreement_check(raw, args, vocab_high, batches):
                 fast, fs, _ = run_one(model, args, ids, mask, cache=cache, reuse=reuse, path="on", new_tokens=args.new_tokens)
                 rec = {"batch": batch, "cache": cache, "reuse": label, **agreement(fast, plain),
                        "forwards_plain": ps["forwards"], "forwards_fast": fs["forwards"],
-                       "fast_path": fs.get("fast_path") if isinstance(fs.get("fast_path"), str) else fs["fast_path"]["mode"]}
+                       "fast_path": _fast_path_mode(fs.get("fast_path"))}
                 out.append(rec)
                 print(f"agreement (peaky 4-layer) b{batch} cache={cache} {label}: {rec['token_agreement']} "
                       f"({rec['rows_identical']}/{rec['rows']} rows identical), forwards {ps['forwards']} vs {fs['forwards']}",
@@ -448,39 +663,82 @@ def agreement_check(raw, args, vocab_high, batches):
     return out
 
 
+def _fast_path_mode(fast_path) -> str | None:
+    """A short name for what `stats["fast_path"]` reports (a dict with a mode, or a reason string)."""
+    return fast_path.get("mode") if isinstance(fast_path, dict) else fast_path
+
+
+def _ratio(a, b, fmt="{:.2f}x") -> str:
+    return fmt.format(a / b) if a is not None and b else ""
+
+
 def render_table(results) -> str:
     env = results["environment"]
-    runs = results["runs"]
+    runs, ar_runs = results["runs"], results.get("autoregressive", [])
+    floor_ms = env.get("weights_floor", {}).get("ms")
+    reference = results.get("reference")
     lines = [f"device: {env.get('gpu', env.get('cpu'))} | torch {env['torch']} | transformers {env['transformers']} | "
              f"dtype {env['dtype']} | {env['date']}"]
-    head = ("batch", "cache", "reuse", "path", "tok/s", "ms/fwd", "fwds", "layer execs", "speedup", "bound", "%bound",
-            "vs plain", "agree")
+    if floor_ms:
+        f = env["weights_floor"]
+        lines.append(f"weights-stream floor: {f['gigabytes']} GB in {f['ms']} ms ({f['gb_per_second']} GB/s); "
+                     "xfloor = ms/fwd / floor")
+    if results.get("workload"):
+        w = results["workload"]
+        lines.append(f"target workload: alpha {w['alpha']:.4g}, calibrated {w['tokens_per_forward']:.3f} tokens/forward "
+                     f"(target {w['target_tokens_per_forward']}, batch 1); stop ids {w['stop_ids_excluded']} never chosen")
+    columns = ["workload", "batch", "cache", "reuse", "path", "tok/s", "tok/fwd", "ms/fwd"]
+    columns += ["xfloor"] if floor_ms else []
+    columns += ["fwds", "layer execs", "speedup", "bound", "of bound", "vs plain"]
+    columns += ["vs AR"] if ar_runs else []
+    columns += ["vs ref"] if reference else []
+    columns += ["agree"]
+    base = {(r["workload"], r["batch"], r["cache"], r["path"]): r for r in runs if r["reuse"] == "none"}
+    ar_by_batch = {r["batch"]: r for r in ar_runs}
     rows = []
-    base = {(r["batch"], r["cache"], r["path"]): r for r in runs if r["reuse"] == "none"}
     for r in runs:
-        b = base.get((r["batch"], r["cache"], r["path"]))
-        speed = bound = pct = ""
+        b = base.get((r["workload"], r["batch"], r["cache"], r["path"]))
+        speed = bound = share = ""
         if b is not None and r["reuse"] != "none":
             s = r["tokens_per_second"] / b["tokens_per_second"]
             bd = b["layer_calls"] / r["layer_calls"] if r["layer_calls"] else float("nan")
-            speed, bound, pct = f"{s:.3f}", f"{bd:.3f}", f"{100 * s / bd:.0f}%"
-        plain = base.get((r["batch"], r["cache"], "off"))
-        vs = f"{r['tokens_per_second'] / plain['tokens_per_second']:.2f}x" if (plain and r["path"] != "off") else ""
-        agree = f"{r['token_agreement']:.3f}" if "token_agreement" in r else ""
-        rows.append((str(r["batch"]), "on" if r["cache"] else "off", r["reuse"], r["path"], f"{r['tokens_per_second']:.1f}",
-                     f"{r['ms_per_forward']:.2f}", str(r["forwards"]), str(r["layer_calls"]), speed, bound, pct, vs, agree))
-    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
+            speed, bound, share = f"{s:.3f}", f"{bd:.3f}", f"{100 * s / bd:.0f}%"
+        plain = base.get((r["workload"], r["batch"], r["cache"], "off"))
+        ar = ar_by_batch.get(r["batch"])
+        cell = {"workload": r["workload"], "batch": str(r["batch"]), "cache": "on" if r["cache"] else "off",
+                "reuse": r["reuse"], "path": r["path"], "tok/s": f"{r['tokens_per_second']:.1f}",
+                "tok/fwd": f"{r['tokens_per_forward']:.2f}", "ms/fwd": f"{r['ms_per_forward']:.2f}",
+                "xfloor": _ratio(r["ms_per_forward"], floor_ms, "{:.2f}"), "fwds": str(r["forwards"]),
+                "layer execs": str(r["layer_calls"]), "speedup": speed, "bound": bound, "of bound": share,
+                "vs plain": _ratio(r["tokens_per_second"], plain["tokens_per_second"]) if plain and r["path"] != "off" else "",
+                "vs AR": _ratio(r["tokens_per_second"], ar["tokens_per_second"] if ar else None),
+                "vs ref": _ratio(r["tokens_per_second"],
+                                 reference_tokens_per_second(reference, r["batch"], r["cache"], r["workload"])),
+                "agree": f"{r['token_agreement']:.3f}" if "token_agreement" in r else ""}
+        rows.append(tuple(cell[c] for c in columns))
+    for a in ar_runs:  # one forward per token: ms/fwd is ms per token
+        cell = {c: "" for c in columns}
+        cell.update({"workload": "-", "batch": str(a["batch"]), "cache": "-", "reuse": "-", "path": a["path"],
+                     "tok/s": f"{a['tokens_per_second']:.1f}", "tok/fwd": f"{a['generated_tokens'] / a['forwards']:.2f}",
+                     "ms/fwd": f"{a['ms_per_token']:.2f}", "xfloor": _ratio(a["ms_per_token"], floor_ms, "{:.2f}"),
+                     "fwds": str(a["forwards"])})
+        rows.append(tuple(cell[c] for c in columns))
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(columns)]
     fmt = " | ".join("{:>%d}" % w for w in widths)
-    lines.append(fmt.format(*head))
+    lines.append(fmt.format(*columns))
     lines.append("-+-".join("-" * w for w in widths))
     lines += [fmt.format(*row) for row in rows]
+    if ar_runs:
+        lines.append("ar-* rows: transformers' generate, one forward per token (ms/fwd = ms per token); "
+                     "vs AR = tok/s / the ar row's tok/s at the same batch")
+    if reference:
+        lines.append(f"vs ref = tok/s / the reference sampler's tok/s at the same batch and cache ({reference['path']})")
     if results.get("agreement_check"):
-        lines.append("")
         lines.append("fast vs plain, 4-layer model with peaky random weights (decisive logits):")
         for a in results["agreement_check"]:
             lines.append(f"  b{a['batch']} cache={'on' if a['cache'] else 'off'} {a['reuse']}: agreement {a['token_agreement']:.4f}, "
                          f"{a['rows_identical']}/{a['rows']} rows identical")
-    modes = sorted({r["fast_path"]["mode"] for r in runs if isinstance(r.get("fast_path"), dict)})
+    modes = sorted({str(_fast_path_mode(r.get("fast_path"))) for r in runs if isinstance(r.get("fast_path"), dict)})
     if modes:
         lines.append(f"fast path modes used by path=on/graphs/compile runs: {', '.join(modes)}")
     for g in results.get("graph_check", []):
