@@ -60,7 +60,7 @@ class Calibration:
                 "tolerance": TARGET_TOLERANCE, "probes": self.probes}
 
 
-def calibrate_alpha(measure: Callable[[float], float], target: float, *, max_probes: int = 12,
+def calibrate_alpha(measure: Callable[[float], float], target: float, *, max_probes: int = 14,
                     log: Callable[[str], None] = print) -> Calibration:
     """Bisect log(alpha) so that `measure(alpha)` (tokens per forward) is close to `target`.
 
