@@ -55,7 +55,7 @@ from baselines import ArMode, autoregressive_run, weights_stream_floor  # noqa: 
 from reference_sampler import ReferenceFileError, load_reference  # noqa: E402
 from throughput_table import fast_path_mode, render_table  # noqa: E402
 from workload import (WORKLOAD_CHOICES, Workload, WorkloadWeights, calibrate_alpha,  # noqa: E402
-                      stop_token_ids)
+                      exclude_stop_tokens, stop_token_ids)
 
 # Without --config: the Fast_dLLM_v2_7B config.json in the data folder beside the repository, if present.
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "fast_dllm_v2_7b", "config.json")
@@ -297,6 +297,8 @@ def build_model(raw: dict, args, *, num_layers: int | None = None, peaky: bool =
         gc.mask_token_id, gc.eos_token_id, gc.pad_token_id = MASK_ID, EOS_ID, PAD_ID
     else:
         gc.mask_token_id, gc.eos_token_id, gc.pad_token_id = vocab - 1, vocab - 2, vocab - 3
+    if not peaky:  # fixed work: no row of the benchmark ends early (the agreement check keeps stop tokens)
+        exclude_stop_tokens(model)
     return model
 
 
@@ -428,7 +430,7 @@ def calibrate_target(model, args, vocab_high: int, weights: WorkloadWeights) -> 
     return {**calibration.as_dict(), "full_length": generated[calibration.alpha] == args.calibration_tokens,
             "decode": {"batch": 1, "cache": "on", "path": "off", "reuse": "none", "new_tokens": args.calibration_tokens,
                        "prompt_tokens": int(mask.sum())},
-            "stop_ids_excluded": weights.stop_ids}
+            "stop_ids_excluded": stop_token_ids(model.generation_config)}
 
 
 def _jsonable_args(args) -> dict:
@@ -483,14 +485,14 @@ def main(argv=None):
         save()
 
     workloads = list(WORKLOAD_CHOICES[args.workload])
-    weights = WorkloadWeights(model, stop_token_ids(model.generation_config))
+    weights = WorkloadWeights(model)
     alpha = 1.0
     if Workload.TARGET in workloads:
         try:
             results["workload"] = cal = calibrate_target(model, args, vocab_high, weights)
             print(f"target workload: alpha {cal['alpha']:.4g} gives {cal['tokens_per_forward']:.3f} tokens/forward "
-                  f"(target {args.target_tpf}, batch 1, {args.calibration_tokens} new tokens); stop ids "
-                  f"{cal['stop_ids_excluded']} excluded; full length: {cal['full_length']}", flush=True)
+                  f"(target {args.target_tpf}, batch 1, {args.calibration_tokens} new tokens); full length: "
+                  f"{cal['full_length']}", flush=True)
             if not (cal["within_tolerance"] and cal["full_length"]):
                 raise RuntimeError(f"calibration missed: {cal['tokens_per_forward']:.3f} tokens/forward for target "
                                    f"{args.target_tpf} (+-{cal['tolerance']:.0%}), full length {cal['full_length']}")

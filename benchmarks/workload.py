@@ -11,11 +11,12 @@ clears the 0.9 threshold. Alpha is found by bisection (in log space) on a short 
 decode so that the measured `tokens_per_forward` hits the target. The decoding rule and every kernel
 are the real ones; only how many tokens clear the threshold per step changes.
 
-At a decisive alpha a row whose argmax is a stop token would end early and shorten the work, so
-the target workload zeroes the lm_head rows of the stop ids: their logit is then 0, below the
-maximum of the other random logits at every position, so a stop token is never chosen. Both
-changes are undone (in place: graphs and compiled code keep seeing the same tensors) when the
-random workload runs again.
+A row whose argmax is a stop token would end early and shorten the work (with random weights
+that happens at about 1 position in vocab-size, in either workload), so the benchmark builds its
+model with the lm_head rows of the stop ids zeroed (`exclude_stop_tokens`): their logit is then 0,
+below the maximum of the other random logits at every position, so a stop token is never chosen.
+Switching workloads changes the norm weight in place, so graphs and compiled code keep seeing the
+same tensor.
 """
 
 from __future__ import annotations
@@ -93,26 +94,19 @@ def calibrate_alpha(measure: Callable[[float], float], target: float, *, max_pro
 
 
 class WorkloadWeights:
-    """Switches a model between the workloads in place, keeping the original values to restore."""
+    """Switches a model between the workloads in place, keeping the built norm weight to restore."""
 
-    def __init__(self, model, stop_ids: list[int]):
+    def __init__(self, model):
         self.norm_weight = model.model.norm.weight
-        self.lm_head_weight = model.lm_head.weight
-        self.stop_ids = sorted(set(stop_ids))
         self._norm0 = self.norm_weight.detach().clone()
-        self._stop_rows0 = self.lm_head_weight.detach()[self.stop_ids].clone()
         self.current: tuple[Workload, float] = (Workload.RANDOM, 1.0)
 
     @torch.no_grad()
     def set(self, workload: Workload, alpha: float = 1.0) -> None:
-        """`random`: the weights as built. `target`: final norm x alpha, stop-token rows of lm_head zeroed."""
+        """`random`: the weights as built; `target`: the final norm's weight x alpha."""
         if workload is Workload.RANDOM:
             alpha = 1.0
         self.norm_weight.copy_(self._norm0 * alpha)
-        if workload is Workload.TARGET:
-            self.lm_head_weight[self.stop_ids] = 0.0
-        else:
-            self.lm_head_weight[self.stop_ids] = self._stop_rows0
         self.current = (workload, alpha)
 
 
@@ -120,4 +114,13 @@ def stop_token_ids(generation_config) -> list[int]:
     eos = generation_config.eos_token_id
     if eos is None:
         return []
-    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+    return sorted({int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])})
+
+
+@torch.no_grad()
+def exclude_stop_tokens(model) -> list[int]:
+    """Zero the lm_head rows of the model's stop ids, so no row of a benchmark decode ends early."""
+    stop_ids = stop_token_ids(model.generation_config)
+    if stop_ids:
+        model.lm_head.weight[stop_ids] = 0.0
+    return stop_ids
