@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -103,9 +104,16 @@ def test_target_workload_reuse_policies_and_reference_in_one_run(bench, tmp_path
     assert f"{bound:.3f}" in drift_row and f"{100 * speedup / bound:.0f}%" in drift_row
 
 
-@pytest.mark.parametrize("extra", [[], ["--ar-batch-sizes", "1,32", "--time-budget", "480"]])
-def test_the_gpu_command_parses_to_the_intended_grid(bench, extra):
-    args = bench.parse_args(GPU_COMMAND + extra)
+def _documented_two_workload_command() -> list[str]:
+    doc = (SCRIPT.parents[1] / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+    joined = doc.replace("\\\n", " ")
+    line = next(ln for ln in joined.splitlines() if ln.startswith("python benchmarks/throughput.py") and "--workload both" in ln)
+    return shlex.split(line)[2:]
+
+
+@pytest.mark.parametrize("argv", [GPU_COMMAND, _documented_two_workload_command()], ids=["grid", "docs"])
+def test_the_gpu_command_parses_to_the_intended_grid(bench, argv):
+    args = bench.parse_args(argv)
     assert [label for label, _ in args.reuse_grid] == ["none", "k1-first", "k2-first"]
     assert (args.workload, args.ar, args.fast_path, args.plain_grid) == ("both", "static", "on,compile,off", "baseline")
     assert args.target_tpf == 2.5 and not args.no_floor and args.reference is None
