@@ -64,7 +64,7 @@ TINY = dict(num_hidden_layers=4, hidden_size=64, intermediate_size=128, num_atte
             num_key_value_heads=2, vocab_size=512, max_position_embeddings=2048)
 # --tiny's grid, for every option left unset: small enough for a CPU in about a minute.
 TINY_GRID = dict(batch_sizes="1,3", new_tokens=40, k="2", subsets="first,last", cache="on,off",
-                 fast_path="eager,off", warmup="short", ar=ArMode.EAGER.value,
+                 fast_path="uncaptured,off", warmup="short", ar=ArMode.EAGER.value,
                  init_std=0.02 * math.sqrt(3584 / TINY["hidden_size"]))
 FULL_GRID = dict(batch_sizes="1,8,32", new_tokens=256, k="1,2,3", subsets="first,middle,last", cache="on,off",
                  fast_path="on,off", warmup="full", ar=ArMode.STATIC.value, init_std=0.02)
@@ -125,7 +125,7 @@ def parse_args(argv=None):
                    help="comma list of BATCH:CACHE:REUSE items (e.g. 32:on:k3-first, '*' matches anything): for the "
                         "batch sizes named there, run only the matching configs")
     p.add_argument("--fast-path", default=None,
-                   help=f"paths to run: on (default fast path), off (plain), eager, graphs, compile (default: "
+                   help=f"paths to run: on (default fast path), off (eager engine), uncaptured, graphs, compile (default: "
                         f"{FULL_GRID['fast_path']})")
     p.add_argument("--plain-grid", choices=("all", "baseline", "none"), default="all",
                    help="which reuse settings the plain path (off) runs: all, only layer_reuse=None, none")
@@ -157,7 +157,7 @@ def parse_args(argv=None):
                    help="also check fast vs plain tokens on a shallow model with peaky random weights (decisive logits)")
     p.add_argument("--graph-check", default=None,
                    help="comma list of batch sizes: on the benchmark model, compare the fast path with CUDA graphs "
-                        "(graphs) against the same code run eagerly (eager), block cache on, k2-first, 64 new tokens: "
+                        "(graphs) against the same passes run without capture (uncaptured), block cache on, k2-first, 64 new tokens: "
                         "identical kernels, so tokens must agree exactly")
     p.add_argument("--time-budget", type=float, default=None, help="stop starting new runs after this many seconds")
     args = p.parse_args(argv)
@@ -315,7 +315,8 @@ def make_prompts(args, batch: int, vocab_high: int, seed_offset: int = 0):
     return ids.to(args.device), mask.to(args.device)
 
 
-PATH_VALUES = {"on": None, "off": False, "eager": "eager", "graphs": "graphs", "compile": "compile"}
+# --fast-path values: the GenerationConfig.fast_path each one sets (on: the default, graphs where they apply).
+PATH_VALUES = {"on": None, "off": False, "uncaptured": "uncaptured", "graphs": "graphs", "compile": "compile"}
 
 
 def gen_config(args, *, cache: bool, reuse, path: str, new_tokens: int):
@@ -642,9 +643,9 @@ def graph_check(model, args, vocab_high, batch):
     ids, mask = make_prompts(args, batch, vocab_high, seed_offset=3)
     reuse = LayerReuseConfig(k=2, subset="first", **_size_kwarg(args))
     seqs = {}
-    for path in ("eager", "graphs", "compile"):
+    for path in ("uncaptured", "graphs", "compile"):
         seqs[path], stats, wall = run_one(model, args, ids, mask, cache=True, reuse=reuse, path=path, new_tokens=64)
-    return {"batch": batch, "graphs_vs_eager": agreement(seqs["graphs"], seqs["eager"]),
+    return {"batch": batch, "graphs_vs_uncaptured": agreement(seqs["graphs"], seqs["uncaptured"]),
             "compile_vs_graphs": agreement(seqs["compile"], seqs["graphs"])}
 
 

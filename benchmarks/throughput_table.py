@@ -92,7 +92,7 @@ def render_table(results) -> str:
     if modes:
         lines.append(f"fast path modes used by path=on/graphs/compile runs: {', '.join(modes)}")
     for g in results.get("graph_check", []):
-        lines.append(f"graph check b{g['batch']}: graphs vs eager agreement {g['graphs_vs_eager']['token_agreement']}, "
+        lines.append(f"graph check b{g['batch']}: graphs vs uncaptured agreement {g['graphs_vs_uncaptured']['token_agreement']}, "
                      f"compile vs graphs {g['compile_vs_graphs']['token_agreement']}")
     for e in results["errors"]:
         lines.append(f"error: {e.get('run', e)}: {e.get('error', '')}")

@@ -49,7 +49,7 @@ def test_documented_tiny_run_succeeds_as_a_command(tmp_path):
     for r in results["runs"]:
         assert r["workload"] == "random" and r["full_length"]
         assert r["tokens_per_second"] > 0 and r["forwards"] > 0 and r["layer_calls"] > 0
-        if r["path"] == "eager":
+        if r["path"] == "uncaptured":
             assert r["token_agreement"] == 1.0  # float32 CPU: the fast path changes no tokens
     plain = {(r["batch"], r["cache"], r["reuse"]): r for r in results["runs"] if r["path"] == "off"}
     for r in results["runs"]:
@@ -75,18 +75,18 @@ def test_target_workload_reuse_policies_and_reference_in_one_run(bench, tmp_path
     out = tmp_path / "r.json"
     results = bench.main(["--tiny", "--workload", "target", "--target-tpf", "2", "--batch-sizes", "1", "--cache", "on",
                           "--k", "2", "--subsets", "first", "--policy", "fixed,unmask_drift", "--tolerance", "0.25",
-                          "--fast-path", "eager,off", "--reference-json", str(ref), "--json-out", str(out)])
+                          "--fast-path", "uncaptured,off", "--reference-json", str(ref), "--json-out", str(out)])
     assert not bench.failures(results), results["errors"]
     assert json.loads(out.read_text())["workload"] == results["workload"]
     cal = results["workload"]
     assert cal["alpha"] > 1 and abs(cal["tokens_per_forward"] - 2) <= 0.1 * 2 and cal["full_length"]
     assert cal["stop_ids_excluded"] == [510]  # the tiny model's eos id
     runs = {(r["reuse"], r["path"]): r for r in results["runs"]}
-    assert set(runs) == {(c, p) for c in ("none", "k2-first", "drift0.25-first") for p in ("eager", "off")}
+    assert set(runs) == {(c, p) for c in ("none", "k2-first", "drift0.25-first") for p in ("uncaptured", "off")}
     assert all(r["workload"] == "target" and r["full_length"] for r in runs.values())
     # The timed runs decode at alpha: with the weights as built this model takes ~0.77 tokens per forward.
     assert runs[("none", "off")]["tokens_per_forward"] > 1.5
-    assert all(r["token_agreement"] == 1.0 for (_, p), r in runs.items() if p == "eager")
+    assert all(r["token_agreement"] == 1.0 for (_, p), r in runs.items() if p == "uncaptured")
     assert [(a["batch"], a["generated_tokens"]) for a in results["autoregressive"]] == [(1, 40)]
     assert results["environment"]["weights_floor"]["ms"] > 0
 
@@ -94,13 +94,13 @@ def test_target_workload_reuse_policies_and_reference_in_one_run(bench, tmp_path
     header = next(line for line in table.splitlines() if line.startswith("workload"))
     for column in ("xfloor", "of bound", "vs AR", "vs ref", "tok/fwd"):
         assert column in header
-    none_eager = runs[("none", "eager")]
-    row = next(line for line in table.splitlines() if " none " in line and " eager " in line)
+    none_eager = runs[("none", "uncaptured")]
+    row = next(line for line in table.splitlines() if " none " in line and " uncaptured " in line)
     assert f"{none_eager['tokens_per_second'] / 50.0:.2f}x" in row  # vs ref
-    drift = runs[("drift0.25-first", "eager")]
+    drift = runs[("drift0.25-first", "uncaptured")]
     bound = none_eager["layer_calls"] / drift["layer_calls"]
     speedup = drift["tokens_per_second"] / none_eager["tokens_per_second"]
-    drift_row = next(line for line in table.splitlines() if "drift0.25-first" in line and " eager " in line)
+    drift_row = next(line for line in table.splitlines() if "drift0.25-first" in line and " uncaptured " in line)
     assert f"{bound:.3f}" in drift_row and f"{100 * speedup / bound:.0f}%" in drift_row
 
 
@@ -249,7 +249,7 @@ def test_autoregressive_baseline_is_greedy_token_by_token_with_left_padding(benc
 def test_tiny_defaults_are_the_small_grid_and_explicit_flags_win():
     bench = _load()
     args = bench.parse_args(["--tiny"])
-    assert (args.batch_sizes, args.new_tokens, args.fast_path, args.device) == ("1,3", 40, "eager,off", "cpu")
+    assert (args.batch_sizes, args.new_tokens, args.fast_path, args.device) == ("1,3", 40, "uncaptured,off", "cpu")
     assert args.reuse_size is None  # LayerReuseConfig's default share, which fits the 4-layer tiny model
     assert (args.ar, args.workload) == ("eager", "random")
     assert args.init_std == pytest.approx(0.02 * math.sqrt(3584 / 64))  # the 7B's per-element scale
