@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 
-from workload import Workload
-
 CACHE_VALUES = {"on": True, "off": False}
 
 
@@ -25,8 +23,8 @@ class ReferenceFileError(ValueError):
     """A reference file that cannot be used; the message names the file and the field."""
 
 
-def load_reference(path: str) -> dict:
-    """Read and validate the file (before any model is built)."""
+def load_reference(path: str, workloads: list[str]) -> dict:
+    """Read and validate the file (before any model is built); `workloads`: the allowed `workload` values."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
@@ -38,7 +36,6 @@ def load_reference(path: str) -> dict:
         raise ReferenceFileError(f"--reference-json {path}: needs an object with a non-empty list 'runs'")
     if not isinstance(data.get("environment", {}), dict):
         raise ReferenceFileError(f"--reference-json {path}: 'environment' must be an object")
-    workloads = [w.value for w in Workload]
     for i, run in enumerate(data["runs"]):
         where = f"--reference-json {path}: runs[{i}]"
         if not isinstance(run, dict):

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import importlib.util
 import json
 import math
 import os
@@ -45,17 +46,32 @@ import platform
 import sys
 import time
 import traceback
+from pathlib import Path
 
 import torch
 
 from dllm_generation.eval.cli import parse_size
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the measurement modules beside this script
-from baselines import ArMode, autoregressive_run, weights_stream_floor  # noqa: E402
-from reference_sampler import ReferenceFileError, load_reference  # noqa: E402
-from throughput_table import fast_path_mode, render_table  # noqa: E402
-from workload import (WORKLOAD_CHOICES, Workload, WorkloadWeights, calibrate_alpha,  # noqa: E402
-                      exclude_stop_tokens, stop_token_ids)
+
+
+def _load_sibling(name: str):
+    """A measurement module beside this script. benchmarks/ is a folder of scripts, not a package, so the
+    module is loaded from its file (as the tests load this script), not through an edited import path."""
+    qualified = f"benchmarks_{name}"
+    if qualified not in sys.modules:
+        spec = importlib.util.spec_from_file_location(qualified, Path(__file__).resolve().with_name(f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[qualified] = module  # before running it: dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules[qualified]
+
+
+baselines = _load_sibling("baselines")  # the weights-stream floor and the autoregressive baseline
+workload = _load_sibling("workload")  # the random and target workloads, alpha's calibration
+reference_sampler = _load_sibling("reference_sampler")  # the reference sampler's tok/s file
+throughput_table = _load_sibling("throughput_table")  # the printed table
+ArMode, Workload, WORKLOAD_CHOICES = baselines.ArMode, workload.Workload, workload.WORKLOAD_CHOICES
+render_table, fast_path_mode = throughput_table.render_table, throughput_table.fast_path_mode
 
 # Without --config: the Fast_dLLM_v2_7B config.json in the data folder beside the repository, if present.
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "fast_dllm_v2_7b", "config.json")
@@ -227,8 +243,8 @@ def validate_args(args, p) -> None:
     args.reference = None
     if args.reference_json is not None:
         try:
-            args.reference = load_reference(args.reference_json)
-        except ReferenceFileError as err:
+            args.reference = reference_sampler.load_reference(args.reference_json, [w.value for w in Workload])
+        except reference_sampler.ReferenceFileError as err:
             p.error(str(err))
 
 
@@ -298,7 +314,7 @@ def build_model(raw: dict, args, *, num_layers: int | None = None, peaky: bool =
     else:
         gc.mask_token_id, gc.eos_token_id, gc.pad_token_id = vocab - 1, vocab - 2, vocab - 3
     if not peaky:  # fixed work: no row of the benchmark ends early (the agreement check keeps stop tokens)
-        exclude_stop_tokens(model)
+        workload.exclude_stop_tokens(model)
     return model
 
 
@@ -416,7 +432,7 @@ def timed_diffusion_run(model, args, ids, mask, *, cache: bool, reuse, path: str
 CALIBRATION_SEED_OFFSET = 11  # the calibration decode's prompt differs from the timed batch-1 prompt
 
 
-def calibrate_target(model, args, vocab_high: int, weights: WorkloadWeights) -> dict:
+def calibrate_target(model, args, vocab_high: int, weights) -> dict:
     """Find alpha for the target workload on a batch-1 decode (block cache on, no reuse, plain path)."""
     ids, mask = make_prompts(args, 1, vocab_high, seed_offset=CALIBRATION_SEED_OFFSET)
     generated = {}
@@ -427,11 +443,11 @@ def calibrate_target(model, args, vocab_high: int, weights: WorkloadWeights) -> 
         generated[alpha] = stats["generated_tokens"]
         return stats["tokens_per_forward"]
 
-    calibration = calibrate_alpha(measure, args.target_tpf, log=lambda line: print(line, flush=True))
+    calibration = workload.calibrate_alpha(measure, args.target_tpf, log=lambda line: print(line, flush=True))
     return {**calibration.as_dict(), "full_length": generated[calibration.alpha] == args.calibration_tokens,
             "decode": {"batch": 1, "cache": "on", "path": "off", "reuse": "none", "new_tokens": args.calibration_tokens,
                        "prompt_tokens": int(mask.sum())},
-            "stop_ids_excluded": stop_token_ids(model.generation_config)}
+            "stop_ids_excluded": workload.stop_token_ids(model.generation_config)}
 
 
 def _jsonable_args(args) -> dict:
@@ -478,7 +494,7 @@ def main(argv=None):
 
     if not args.no_floor:
         try:
-            env["weights_floor"] = floor = weights_stream_floor(model, repeats=args.floor_repeats)
+            env["weights_floor"] = floor = baselines.weights_stream_floor(model, repeats=args.floor_repeats)
             print(f"weights-stream floor: {floor['gigabytes']} GB read in {floor['ms']} ms ({floor['gb_per_second']} GB/s, "
                   f"{floor['reduction']}, best of {floor['repeats']})", flush=True)
         except Exception as err:  # the grid still runs; its table lacks the xfloor column
@@ -486,7 +502,7 @@ def main(argv=None):
         save()
 
     workloads = list(WORKLOAD_CHOICES[args.workload])
-    weights = WorkloadWeights(model)
+    weights = workload.WorkloadWeights(model)
     alpha = 1.0
     if Workload.TARGET in workloads:
         try:
@@ -513,8 +529,8 @@ def main(argv=None):
     warmed_plain: set = set()
     for batch in batches:
         ids, mask = make_prompts(args, batch, vocab_high)
-        for workload in workloads:
-            weights.set(workload, alpha)
+        for kind in workloads:
+            weights.set(kind, alpha)
             for cache in caches:
                 for label, reuse in grid:
                     for path in paths:
@@ -524,23 +540,26 @@ def main(argv=None):
                         if not selected(args, batch, cache, label):
                             continue
                         if out_of_time():
-                            results["errors"].append({"skipped": "time budget", "workload": workload.value, "batch": batch,
+                            results["errors"].append({"skipped": "time budget", "workload": kind.value, "batch": batch,
                                                       "cache": cache, "reuse": label, "path": path})
                             continue
-                        name = f"{workload.value} b{batch} cache={'on' if cache else 'off'} {label} path={path}"
+                        name = f"{kind.value} b{batch} cache={'on' if cache else 'off'} {label} path={path}"
                         try:
                             rec, seq = timed_diffusion_run(model, args, ids, mask, cache=cache, reuse=reuse, path=path,
                                                            plain_warmed=batch in warmed_plain)
                             if path == "off":
                                 warmed_plain.add(batch)
-                            rec = {"workload": workload.value, "batch": batch, "cache": cache, "reuse": label, **rec}
-                            key = (workload.value, batch, cache, label)
+                            rec = {"workload": kind.value, "batch": batch, "cache": cache, "reuse": label, **rec}
+                            if args.reference is not None:
+                                rec["reference_tokens_per_second"] = reference_sampler.reference_tokens_per_second(
+                                    args.reference, batch, cache, kind.value)
+                            key = (kind.value, batch, cache, label)
                             sequences[key + (path,)] = seq
                             plain = sequences.get(key + ("off",))
                             if path != "off" and plain is not None:
                                 rec.update(agreement(seq, plain))
                             results["runs"].append(rec)
-                            if not rec["full_length"] and workload is Workload.TARGET:
+                            if not rec["full_length"] and kind is Workload.TARGET:
                                 raise RuntimeError(f"rows stopped early: {rec['generated_tokens']} tokens of "
                                                    f"{batch * args.new_tokens}")
                             fast = rec["fast_path"]
@@ -568,7 +587,7 @@ def main(argv=None):
             print(f"{name}: warm-up (transformers compiles on CUDA with a static cache) ...", flush=True)
             try:
                 ids, mask = make_prompts(args, batch, vocab_high)
-                rec = autoregressive_run(model, ids, mask, args.new_tokens, ArMode(args.ar), repeats=args.repeats)
+                rec = baselines.autoregressive_run(model, ids, mask, args.new_tokens, ArMode(args.ar), repeats=args.repeats)
                 results["autoregressive"].append(rec)
                 print(f"{name}: {rec['tokens_per_second']} tok/s, {rec['ms_per_token']} ms/token, "
                       f"warm-up {rec['warmup_seconds']:.1f}s", flush=True)

@@ -166,7 +166,7 @@ def test_bad_workload_on_the_command_line_exits_2_with_one_line():
 
 
 def test_reference_lookup_prefers_the_same_workload(bench):
-    from reference_sampler import reference_tokens_per_second
+    reference_tokens_per_second = bench.reference_sampler.reference_tokens_per_second
 
     ref = {"runs": [{"batch": 1, "cache": "on", "tokens_per_second": 30.0},
                     {"batch": 1, "cache": "on", "tokens_per_second": 70.0, "workload": "target"},
@@ -178,7 +178,7 @@ def test_reference_lookup_prefers_the_same_workload(bench):
 
 
 def test_calibration_bisects_to_the_target_and_reports_a_miss(bench):
-    from workload import calibrate_alpha
+    calibrate_alpha = bench.workload.calibrate_alpha
 
     quiet = dict(log=lambda line: None)
     smooth = calibrate_alpha(lambda a: 0.8 + 0.5 * math.log(a), 2.5, **quiet)
@@ -194,7 +194,7 @@ def _tiny_model(bench, *extra):
 
 
 def test_workload_weights_scale_the_logits_and_restore_and_stop_ids_are_never_chosen(bench):
-    from workload import Workload, WorkloadWeights
+    Workload, WorkloadWeights = bench.workload.Workload, bench.workload.WorkloadWeights
 
     model, args = _tiny_model(bench)
     eos = model.generation_config.eos_token_id
@@ -213,7 +213,7 @@ def test_workload_weights_scale_the_logits_and_restore_and_stop_ids_are_never_ch
 
 
 def test_weight_bytes_count_a_tied_weight_once(bench):
-    from baselines import weight_bytes, weights_stream_floor
+    weight_bytes, weights_stream_floor = bench.baselines.weight_bytes, bench.baselines.weights_stream_floor
 
     model = torch.nn.Module()
     model.embed = torch.nn.Embedding(10, 4)
@@ -229,7 +229,7 @@ def test_weight_bytes_count_a_tied_weight_once(bench):
 def test_autoregressive_baseline_is_greedy_token_by_token_with_left_padding(bench, mode):
     """transformers' generate on the block-diffusion model class: each left-padded row gets exactly the
     tokens a cache-free greedy loop gives that prompt alone (stop tokens excluded, as min_new_tokens does)."""
-    from baselines import ArMode, autoregressive_generate
+    ArMode, autoregressive_generate = bench.baselines.ArMode, bench.baselines.autoregressive_generate
 
     model, args = _tiny_model(bench)
     ids, mask = bench.make_prompts(args, 3, 500)
