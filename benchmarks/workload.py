@@ -1,6 +1,6 @@
 """The benchmark's workloads: how many tokens a denoising step unmasks on random weights.
 
-`random`: the weights as built (normal, std 0.02). Every confidence is about 1/vocab, so exactly
+`random`: the weights as built (normal, `--init-std`). Every confidence is about 1/vocab, so exactly
 one token per row clears the threshold per step (the forced most-confident one).
 
 `target`: a trained model unmasks several tokens per step (Fast_dLLM_v2_7B reports about 2-3 per
@@ -34,7 +34,7 @@ class Workload(str, Enum):
     TARGET = "target"
 
 
-# --workload values: one workload, or both (random first, so its rows are today's workload unchanged).
+# --workload values: one workload, or both (random first, then target, per batch size).
 WORKLOAD_CHOICES = {"random": (Workload.RANDOM,), "target": (Workload.TARGET,), "both": (Workload.RANDOM, Workload.TARGET)}
 TARGET_TOLERANCE = 0.10  # the calibrated tokens/forward must be within +-10% of the target
 _CALIBRATION_STOP = 0.05  # bisection stops once within +-5% (leaves margin for the timed runs' prompts)
@@ -99,7 +99,6 @@ class WorkloadWeights:
     def __init__(self, model):
         self.norm_weight = model.model.norm.weight
         self._norm0 = self.norm_weight.detach().clone()
-        self.current: tuple[Workload, float] = (Workload.RANDOM, 1.0)
 
     @torch.no_grad()
     def set(self, workload: Workload, alpha: float = 1.0) -> None:
@@ -107,7 +106,6 @@ class WorkloadWeights:
         if workload is Workload.RANDOM:
             alpha = 1.0
         self.norm_weight.copy_(self._norm0 * alpha)
-        self.current = (workload, alpha)
 
 
 def stop_token_ids(generation_config) -> list[int]:
@@ -119,7 +117,8 @@ def stop_token_ids(generation_config) -> list[int]:
 
 @torch.no_grad()
 def exclude_stop_tokens(model) -> list[int]:
-    """Zero the lm_head rows of the model's stop ids, so no row of a benchmark decode ends early."""
+    """Zero the lm_head rows of the model's stop ids, so no row of a benchmark decode ends early. (With tied
+    embeddings this zeroes their input embedding too; the benchmark's prompts never hold a stop id.)"""
     stop_ids = stop_token_ids(model.generation_config)
     if stop_ids:
         model.lm_head.weight[stop_ids] = 0.0
