@@ -21,7 +21,8 @@ import torch
 from ..config import FastPath
 from .base import Engine
 from .eager import EagerEngine
-from .graphed import MAX_STOP_IDS, GraphedEngine
+from .graphed import GraphedEngine
+from .static_store import MAX_STOP_IDS
 
 logger = logging.getLogger(__name__)
 

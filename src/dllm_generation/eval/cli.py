@@ -103,11 +103,17 @@ def add_shared_arguments(parser: argparse.ArgumentParser, *, grid: bool = False,
         r.add_argument("--tolerance", type=_float_list, default=None,
                        help="also run the unmask_drift policy at each of these tolerances (k=1; shares of the "
                        "sub-block unmasked since the stored entry that still allow a recall)")
+        r.add_argument("--layer-k", type=_int_list, action="append", default=None,
+                       help="also run the per_layer policy with these periods, one per target layer (e.g. 2,2,3,3; "
+                       "repeat the option for more schedules)")
     else:
         r.add_argument("--policy", default=DEFAULTS.policy, choices=REUSE_POLICIES,
                        help="fixed: recompute every k steps; unmask_drift: recompute once more than --tolerance of "
-                       "the sub-block was unmasked since the stored entry (or it is --max-staleness steps old)")
+                       "the sub-block was unmasked since the stored entry (or it is --max-staleness steps old); "
+                       "per_layer: recompute target layer j every --layer-k[j] steps")
         r.add_argument("--tolerance", type=float, default=None, help="unmask_drift: a share in [0, 1]")
+        r.add_argument("--layer-k", type=_int_list, default=None,
+                       help="per_layer: one period per target layer, e.g. 2,2,3,3")
     r.add_argument("--max-staleness", type=int, default=None,
                    help="unmask_drift: recompute once the stored entry is this many steps old (None = no limit)")
 
@@ -216,8 +222,9 @@ def grid_main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
 
     try:
         base = options_from_args(args.task, args, k=1, subset=DEFAULTS.subset, size=DEFAULTS.size, mode=DEFAULTS.mode,
-                                 tolerance=None)
-        cells = grid_options(base, args.k, args.subset, args.size, args.mode, tolerances=args.tolerance)
+                                 tolerance=None, layer_k=None)
+        cells = grid_options(base, args.k, args.subset, args.size, args.mode, tolerances=args.tolerance,
+                             layer_ks=args.layer_k)
     except InvalidOptionError as err:
         _refuse(parser, err)
     from .distributed import shutdown

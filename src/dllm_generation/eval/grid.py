@@ -34,9 +34,10 @@ class GridOutcome:
     pending: list[str] = field(default_factory=list)
 
 
-def grid_options(base: EvalOptions, ks, subsets, sizes=None, modes=None, *, tolerances=None) -> list[EvalOptions]:
-    """Every combination, k outermost, then the unmask_drift policy at each tolerance; each cell
-    validated before anything runs."""
+def grid_options(base: EvalOptions, ks, subsets, sizes=None, modes=None, *, tolerances=None,
+                 layer_ks=None) -> list[EvalOptions]:
+    """Every combination, k outermost, then the unmask_drift policy at each tolerance and the
+    per_layer policy with each schedule; each cell validated before anything runs."""
     cells = []
     for k, subset, size, mode in itertools.product(ks, subsets, sizes or [base.size], modes or [base.mode]):
         if k == 1 and any(c.k == 1 for c in cells):
@@ -46,6 +47,10 @@ def grid_options(base: EvalOptions, ks, subsets, sizes=None, modes=None, *, tole
                                                            modes or [base.mode]):
         cells.append(base.replace(k=1, subset=subset, size=size, mode=mode, policy="unmask_drift",
                                   tolerance=tolerance).validate())
+    for layer_k, subset, size, mode in itertools.product(layer_ks or [], subsets, sizes or [base.size],
+                                                         modes or [base.mode]):
+        cells.append(base.replace(k=1, subset=subset, size=size, mode=mode, policy="per_layer",
+                                  layer_k=list(layer_k)).validate())
     names = [c.config_name() for c in cells]
     if len(set(names)) != len(names):
         raise InvalidOptionError("the grid has repeated configurations (k/subset/size/mode lists repeat a value)")

@@ -105,7 +105,7 @@ def reuse_config(options):
         return None
     return LayerReuseConfig(k=options.k, subset=options.subset, size=options.size, layers=options.layers,
                             mode=options.mode, policy=options.policy, tolerance=options.tolerance,
-                            max_staleness=options.max_staleness)
+                            max_staleness=options.max_staleness, layer_k=options.layer_k)
 
 
 def check_layer_reuse(options, num_layers: int) -> None:

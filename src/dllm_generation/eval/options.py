@@ -70,10 +70,12 @@ class EvalOptions:
     size: int | float = DEFAULT_REUSE_SIZE
     layers: list[int] | None = None
     mode: str = REUSE_MODES[0]
-    # reuse policy (LayerReuseConfig.policy): fixed = every k steps; unmask_drift = by unmasked share
+    # reuse policy (LayerReuseConfig.policy): fixed = every k steps; unmask_drift = by unmasked share;
+    # per_layer = one period per target layer (layer_k)
     policy: str = REUSE_POLICIES[0]
     tolerance: float | None = None
     max_staleness: int | None = None
+    layer_k: list[int] | None = None
     # decoding; None = the protocol's value (see protocols.py)
     block_size: int | None = None
     small_block_size: int | None = None
@@ -162,9 +164,10 @@ class EvalOptions:
             validate_threshold(self.threshold)
             if self.layers is not None:
                 validate_layers(self.layers, "layers")
-            if self.policy != REUSE_POLICIES[0] or self.tolerance is not None or self.max_staleness is not None:
+            if self.uses_policy_fields:
                 LayerReuseConfig(k=self.k, subset=self.subset, size=self.size, layers=self.layers, mode=self.mode,
-                                 policy=self.policy, tolerance=self.tolerance, max_staleness=self.max_staleness)
+                                 policy=self.policy, tolerance=self.tolerance, max_staleness=self.max_staleness,
+                                 layer_k=self.layer_k)
         except ValueError as err:
             raise InvalidOptionError(str(err)) from None
         _writable_folder("output_dir", self.output_dir)
@@ -182,6 +185,12 @@ class EvalOptions:
                     raise InvalidOptionError(f"{name}: {path!r} does not exist (allowed: existing files or folders)")
 
     # ------------------------------------------------------------------ derived
+    @property
+    def uses_policy_fields(self) -> bool:
+        """Any reuse-policy setting beyond the fixed schedule's defaults."""
+        return (self.policy != REUSE_POLICIES[0] or self.tolerance is not None or self.max_staleness is not None
+                or self.layer_k is not None)
+
     @property
     def fewshot(self) -> int:
         """Number of worked examples in each prompt (the protocol's unless set)."""
@@ -201,6 +210,8 @@ class EvalOptions:
         where = "layers" + "-".join(str(i) for i in self.layers) if self.layers else f"{self.subset}{size_label(self.size)}"
         if self.policy == REUSE_POLICIES[0]:
             schedule = f"k{self.k}"
+        elif self.policy == "per_layer":
+            schedule = "ks" + ".".join(map(str, self.layer_k or []))
         else:
             schedule = f"drift{self.tolerance:g}" + ("" if self.max_staleness is None else f"s{self.max_staleness}")
         parts = [schedule, where, self.mode]
@@ -245,8 +256,10 @@ class EvalOptions:
         out["num_fewshot"] = me.num_fewshot
         # Reuse-policy settings only where they differ from the fixed schedule, so runs made before
         # these settings existed keep their identity and resume.
-        if me.policy != REUSE_POLICIES[0] or me.tolerance is not None or me.max_staleness is not None:
+        if me.uses_policy_fields:
             out.update(policy=me.policy, tolerance=me.tolerance, max_staleness=me.max_staleness)
+            if me.layer_k is not None:
+                out["layer_k"] = list(me.layer_k)
         for name in ("model", "tokenizer"):
             if out[name] and os.path.exists(out[name]):
                 out[name] = os.path.abspath(out[name])

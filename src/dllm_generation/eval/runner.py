@@ -414,7 +414,7 @@ def _generation_info(options, model, batches: list[dict]) -> dict:
     if reuse_config(options) is not None:
         reuse = {"k": options.k, "subset": options.subset, "size": options.size, "layers": options.layers,
                  "mode": options.mode, "policy": options.policy, "tolerance": options.tolerance,
-                 "max_staleness": options.max_staleness}
+                 "max_staleness": options.max_staleness, "layer_k": options.layer_k}
         if model is not None:
             reuse["resolved_layers"] = list(reuse_config(options).resolve_layers(model.config.num_hidden_layers))
     return {
