@@ -69,7 +69,7 @@ def test_gsm8k_script_writes_summary_and_samples(checkpoint, tmp_path, monkeypat
     assert tp["layer_calls_skipped"] > 0 and tp["prompts"] == 2
     assert tp["warmup"]["counted"] is False and tp["warmup"]["prompts"] == 2
     assert summary["generation"]["layer_reuse"] == {"k": 2, "subset": "first", "size": 1, "layers": None, "mode": "output",
-                                                    "policy": "fixed", "tolerance": None, "max_staleness": None,
+                                                    "policy": "fixed", "tolerance": None, "max_staleness": None, "layer_k": None,
                                                     "resolved_layers": [1]}
     assert summary["generation"]["fast_path"] == "off (device is cpu, not CUDA)"  # what ran, not the setting
     assert summary["generation"]["fast_path_requested"] == "on"

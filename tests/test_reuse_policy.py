@@ -118,6 +118,22 @@ def test_policy_settings_enter_the_run_identity_only_when_used():
     assert not {"policy", "tolerance", "max_staleness"} & set(fixed)  # folders made before policies still resume
     adaptive = EvalOptions(task="arith", policy="unmask_drift", tolerance=0.5).validate()
     assert adaptive.identity()["tolerance"] == 0.5 and adaptive.config_name().startswith("drift0.5_")
+    assert "layer_k" not in adaptive.identity()
+    scheduled = EvalOptions(task="arith", policy="per_layer", layer_k=[2, 3]).validate()
+    assert scheduled.identity()["layer_k"] == [2, 3] and scheduled.config_name().startswith("ks2.3_")
+
+
+def test_the_grid_adds_per_layer_cells_and_refuses_bad_schedules_before_running():
+    from dllm_generation.eval.grid import grid_options
+    from dllm_generation.eval.options import EvalOptions, InvalidOptionError
+
+    base = EvalOptions(task="arith")
+    cells = grid_options(base, [1, 2], ["first"], layer_ks=[[1, 2], [2, 3]])
+    assert [c.config_name() for c in cells] == ["k1_first0.429_output", "k2_first0.429_output",
+                                                 "ks1.2_first0.429_output", "ks2.3_first0.429_output"]
+    assert [c.policy for c in cells] == ["fixed", "fixed", "per_layer", "per_layer"]
+    with pytest.raises(InvalidOptionError, match="layer_k=\\[2, 0\\] is invalid"):
+        grid_options(base, [1], ["first"], layer_ks=[[2, 0]])
 
 
 # ------------------------------------------------------------------------------ per-layer periods
