@@ -106,8 +106,10 @@ def test_target_workload_reuse_policies_and_reference_in_one_run(bench, tmp_path
 
 def _documented_two_workload_command() -> list[str]:
     doc = (SCRIPT.parents[1] / "docs" / "benchmarks.md").read_text(encoding="utf-8")
-    joined = doc.replace("\\\n", " ")
-    line = next(ln for ln in joined.splitlines() if ln.startswith("python benchmarks/throughput.py") and "--workload both" in ln)
+    joined = doc.replace("\\\n", " ").splitlines()
+    # The command under the "Both workloads, the floor and the autoregressive baseline" comment.
+    at = next(i for i, ln in enumerate(joined) if ln.startswith("# Both workloads, the floor and the autoregressive"))
+    line = next(ln for ln in joined[at:] if ln.startswith("python benchmarks/throughput.py"))
     return shlex.split(line)[2:]
 
 

@@ -203,19 +203,20 @@ def test_cache_batch_select_reorder_crop_reset():
     for i in range(2):
         cache.update(k + i, k - i, i)
         cache.layers[i].store_reuse(torch.zeros(3, 32, 8), torch.ones(3, 32, 8) * torch.arange(3)[:, None, None],
-                                    torch.tensor([5, 5, 5]), torch.zeros(3, dtype=torch.long))
+                                    torch.zeros(3, dtype=torch.long))
     cache.advance(32)
     assert cache.get_seq_length() == 32
     cache.batch_select_indices(torch.tensor([2, 0]))
     assert cache.num_rows == 2
     for i, layer in enumerate(cache.layers):
         assert layer.keys.shape[0] == 2 and torch.equal(layer.keys[0, :, :32], k[2] + i)
-        assert layer.reuse_output.shape[0] == 2 and layer.reuse_tag.shape[0] == 2
+        assert layer.reuse_output.shape[0] == 2 and layer.reuse_input.shape[0] == 2
         assert torch.equal(layer.reuse_output[:, 0, 0], torch.tensor([2.0, 0.0]))
     cache.reorder_cache(torch.tensor([1, 0]))
     assert torch.equal(cache.layers[0].keys[0, :, :32], k[0])
     cache.crop(-16)
     assert cache.get_seq_length() == 16
+    assert cache.layers[0].reuse_output is None  # entries of a cropped cache are dropped, not kept stale
     with pytest.raises(ValueError):
         cache.crop(40)
     cache.reset()

@@ -225,7 +225,7 @@ def test_reuse_entries_are_trimmed_with_finished_rows(tiny_model):
         for layer in cache.layers:
             assert layer.keys is None or layer.keys.shape[0] == cache.num_rows
             assert layer.reuse_output is None or (
-                layer.reuse_output.shape[0] == layer.reuse_tag.shape[0] == cache.num_rows)
+                layer.reuse_output.shape[0] == layer.reuse_input.shape[0] == cache.num_rows)
         seen_rows.append(cache.num_rows)
         return inner(*args, **kwargs)
 
@@ -249,12 +249,12 @@ def test_residual_mode_lets_fresh_tokens_through_reused_layers(tiny_model, mode)
     layers = frozenset({1, 2, 3})  # everything after layer 0 is reused
     tokens = torch.tensor([prompts_of([8], seed=4)[0] + [TINY_MASK] * 24])
     cache = BlockDiffusionCache(4, 1, 32, 32)
-    tags, offsets = torch.tensor([0]), torch.tensor([0])
-    plan = ReusePlan(layer_actions(4, tuple(sorted(layers)), (True,) * len(layers)), residual=mode == "residual", tags=tags, offsets=offsets)
+    offsets = torch.tensor([0])
+    plan = ReusePlan(layer_actions(4, tuple(sorted(layers)), (True,) * len(layers)), residual=mode == "residual", offsets=offsets)
     stored = _one_block_forward(tiny_model, tokens, cache, plan)
     fresh = tokens.clone()
     fresh[0, 10] = 17  # a token unmasked since the store
-    plan = ReusePlan(layer_actions(4, tuple(sorted(layers)), (False,) * len(layers)), residual=mode == "residual", tags=tags, offsets=offsets)
+    plan = ReusePlan(layer_actions(4, tuple(sorted(layers)), (False,) * len(layers)), residual=mode == "residual", offsets=offsets)
     recalled = _one_block_forward(tiny_model, fresh, cache, plan)
     if mode == "output":
         assert torch.equal(recalled, stored)  # the new token cannot influence anything after layer 0

@@ -12,9 +12,9 @@ Before each forward the runner says what it writes (`begin_forward`):
 `update` writes the new K/V there in place and returns the K/V the layer attends to.
 `rows` restricts a forward to some batch rows (rows whose state needs another kind of forward).
 
-Layer-reuse entries (stored layer output and input per target layer, with the positions and
-sub-block they belong to) live on the same layer objects, so `batch_select_indices` and
-`reorder_cache` keep them aligned with the K/V.
+Layer-reuse entries (stored layer output and input per target layer) live on the same layer
+objects, so `batch_select_indices` and `reorder_cache` keep them aligned with the K/V. Which
+sub-block and slots an entry holds is known to the decoder from its own plans.
 """
 
 from __future__ import annotations
@@ -33,13 +33,10 @@ class BlockDiffusionLayer(CacheLayerMixin):
     def __init__(self, owner: "BlockDiffusionCache"):
         super().__init__()
         self.owner = owner
-        # Layer-reuse entry: [batch, block_size, hidden] output and input, valid per row for
-        # slots [reuse_start, reuse_end) of the block and for sub-block serial `reuse_tag`.
+        # Layer-reuse entry: [batch, block_size, hidden] output and input, written at the slots of the
+        # forward that stored it (the decoder tracks which sub-block and slots each row's entry holds).
         self.reuse_output: torch.Tensor | None = None
         self.reuse_input: torch.Tensor | None = None
-        self.reuse_tag: torch.Tensor | None = None
-        self.reuse_start: torch.Tensor | None = None
-        self.reuse_end: torch.Tensor | None = None
 
     # -- CacheLayerMixin API ----------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -95,7 +92,7 @@ class BlockDiffusionLayer(CacheLayerMixin):
         return self.owner.capacity
 
     def _tensors(self):
-        return ("keys", "values", "reuse_output", "reuse_input", "reuse_tag", "reuse_start", "reuse_end")
+        return ("keys", "values", "reuse_output", "reuse_input")
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         for name in self._tensors():
@@ -121,27 +118,20 @@ class BlockDiffusionLayer(CacheLayerMixin):
 
     # -- layer reuse ------------------------------------------------------------------------
     def clear_reuse(self) -> None:
-        if self.reuse_tag is not None:
-            self.reuse_tag.fill_(-1)
+        self.reuse_output = self.reuse_input = None
 
-    def store_reuse(self, hidden_in, hidden_out, tags, offsets) -> None:
-        """Remember this layer's input/output for the rows of the current forward."""
+    def store_reuse(self, hidden_in, hidden_out, offsets) -> None:
+        """Remember this layer's input/output for the rows and slots of the current forward."""
         o = self.owner
         n, hidden = hidden_out.shape[1], hidden_out.shape[2]
         if self.reuse_output is None:
-            dev, dt = hidden_out.device, hidden_out.dtype
-            self.reuse_output = torch.zeros(o.num_rows, o.block_size, hidden, device=dev, dtype=dt)
+            self.reuse_output = torch.zeros(o.num_rows, o.block_size, hidden, device=hidden_out.device,
+                                            dtype=hidden_out.dtype)
             self.reuse_input = torch.zeros_like(self.reuse_output)
-            self.reuse_tag = torch.full((o.num_rows,), -1, dtype=torch.long, device=dev)
-            self.reuse_start = torch.zeros(o.num_rows, dtype=torch.long, device=dev)
-            self.reuse_end = torch.zeros(o.num_rows, dtype=torch.long, device=dev)
         rows = o.row_index
         slots = offsets[:, None] + torch.arange(n, device=offsets.device)  # [R, n]
         self.reuse_output[rows[:, None], slots] = hidden_out
         self.reuse_input[rows[:, None], slots] = hidden_in
-        self.reuse_tag[rows] = tags
-        self.reuse_start[rows] = offsets
-        self.reuse_end[rows] = offsets + n
 
     def recall_reuse(self, hidden_in, offsets, residual: bool) -> torch.Tensor:
         """The stored result for the rows/positions of the current forward (no layer call)."""
@@ -152,12 +142,6 @@ class BlockDiffusionLayer(CacheLayerMixin):
         if residual:
             out = hidden_in + (out - self.reuse_input[rows[:, None], slots])
         return out
-
-    def reuse_covers(self, rows: torch.Tensor, tags: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
-        """Per row: does the stored entry belong to sub-block `tags` and cover [start, end)?"""
-        if self.reuse_tag is None:
-            return torch.zeros(rows.shape[0], dtype=torch.bool, device=rows.device)
-        return (self.reuse_tag[rows] == tags) & (self.reuse_start[rows] <= start) & (self.reuse_end[rows] >= end)
 
 
 class BlockDiffusionCache(Cache):

@@ -278,10 +278,10 @@ class BlockDiffusionDecoder:
         num_layers = self.runner.num_layers
         step = []
         for (kind, computes), rows in sorted(groups.items(), key=lambda item: (item[0][0].value, item[0][1])):
-            tags = tuple(self._tag(block_serial, sub_idx[r]) for r in rows)
             step.append(ForwardPlan(kind=kind, rows=tuple(rows), subs=tuple(sub_idx[r] for r in rows),
-                                    actions=layer_actions(num_layers, self.reuse_targets, computes), tags=tags))
-            for r, tag in zip(rows, tags):  # the entries this forward stores
+                                    actions=layer_actions(num_layers, self.reuse_targets, computes)))
+            for r in rows:  # the entries this forward stores
+                tag = self._tag(block_serial, sub_idx[r])
                 lo, hi = reuse_span(kind, sub_idx[r], s.block_size, s.small_block_size)
                 for layer, compute in zip(self.reuse_targets, computes):
                     if compute:

@@ -22,7 +22,6 @@ class ReusePlan:
 
     actions: tuple[LayerAction, ...]
     residual: bool
-    tags: torch.Tensor  # sub-block serial per row of the forward
     offsets: torch.Tensor  # first block slot of the forward's tokens, per row
 
 
@@ -82,7 +81,7 @@ class LayerStackRunner:
             out = layer(hidden, attention_mask=mask, position_ids=positions, position_embeddings=pos_emb, **kwargs)
             out = out[0] if isinstance(out, tuple) else out
             if action is LayerAction.STORE:
-                cache.layers[i].store_reuse(hidden, out, plan.tags, plan.offsets)
+                cache.layers[i].store_reuse(hidden, out, plan.offsets)
             hidden = out
             self.layer_runs[i] += 1
         return self.norm(hidden)

@@ -37,7 +37,6 @@ class ForwardPlan:
     rows: tuple[int, ...]  # batch rows of the decoder's current batch
     subs: tuple[int, ...]  # each row's current sub-block (index inside the block)
     actions: tuple[LayerAction, ...]  # one per decoder layer
-    tags: tuple[int, ...]  # each row's sub-block serial: a stored reuse entry is valid for that one only
 
     @property
     def recalls(self) -> bool:
