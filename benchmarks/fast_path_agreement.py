@@ -1,8 +1,9 @@
-"""Token agreement of every graphed-engine mode with the eager engine, in float32 and bf16 (needs CUDA).
+"""Agreement of every graphed-engine mode with the eager engine, in float32 and bf16 (needs CUDA).
 
 A 4-layer model of the hub config's width with peaky random weights, batch 1 and 8, block cache off
-and on. float32 isolates logic errors (every variant must equal the plain path); bf16 shows what
-rounding alone does. Usage: python benchmarks/fast_path_agreement.py [path/to/config.json]
+and on, no layer reuse and three reuse policies. In float32 every mode must give the eager engine's
+tokens, forwards and layer executions (the script exits 1 otherwise); bf16 shows what rounding alone
+does. Usage: python benchmarks/fast_path_agreement.py [path/to/config.json]
 (default: throughput.py's default config).
 """
 import sys
@@ -10,8 +11,16 @@ import sys
 import torch
 
 import throughput as T  # benchmarks/throughput.py, beside this script
+from dllm_generation import LayerReuseConfig
+
+REUSE = {"none": None,
+         "k2-first": LayerReuseConfig(k=2, subset="first", size=2),
+         "ks2.3-first": LayerReuseConfig(policy="per_layer", layer_k=[2, 3], subset="first", size=2),
+         "drift0.5-last": LayerReuseConfig(policy="unmask_drift", tolerance=0.5, subset="last", size=2)}
+COUNTERS = ("forwards", "block_forwards", "sub_block_forwards", "layer_calls", "layer_calls_skipped")
 
 config = ["--config", sys.argv[1]] if len(sys.argv) > 1 else []
+float32_failures = 0
 for dtype in ("float32", "bfloat16"):
     args = T.parse_args([*config, "--device", "cuda", "--dtype", dtype, "--new-tokens", "64"])
     raw = T.load_hub_config(args)
@@ -20,16 +29,28 @@ for dtype in ("float32", "bfloat16"):
     for batch in (1, 8):
         ids, mask = T.make_prompts(args, batch, vocab_high, seed_offset=7)
         for cache in (False, True):
-            outs = {}
-            for path in ("off", "uncaptured", "graphs", "compile"):
-                try:
-                    seq, st, _ = T.run_one(model, args, ids, mask, cache=cache, reuse=None, path=path, new_tokens=64)
-                    outs[path] = (seq, st["forwards"])
-                except Exception as e:
-                    print("FAIL", dtype, batch, cache, path, type(e).__name__, str(e)[:200], flush=True)
-            ref = outs.get("off")
-            for p, (seq, f) in outs.items():
-                print(dtype, "b", batch, "cache", cache, p, "vs plain:", T.agreement(seq, ref[0])["token_agreement"],
-                      "fwd", f, "vs", ref[1], flush=True)
+            for label, reuse in REUSE.items():
+                outs = {}
+                for path in ("off", "uncaptured", "graphs", "compile"):
+                    try:
+                        seq, stats, _ = T.run_one(model, args, ids, mask, cache=cache, reuse=reuse, path=path,
+                                                  new_tokens=64)
+                        outs[path] = (seq, {k: stats[k] for k in COUNTERS})
+                    except Exception as err:
+                        print("FAIL", dtype, batch, cache, label, path, type(err).__name__, str(err)[:200], flush=True)
+                        float32_failures += dtype == "float32"
+                ref_seq, ref_counts = outs["off"]
+                cells = []
+                for path, (seq, counts) in outs.items():
+                    if path == "off":
+                        continue
+                    agree = T.agreement(seq, ref_seq)["token_agreement"]
+                    same = counts == ref_counts
+                    cells.append(f"{path} {agree:.3f}{'' if same else ' (counters differ)'}")
+                    if dtype == "float32" and (agree != 1.0 or not same):
+                        float32_failures += 1
+                print(f"{dtype} b{batch} cache={'on' if cache else 'off'} {label}: " + ", ".join(cells), flush=True)
     del model
     torch.cuda.empty_cache()
+print("float32 cells that differ from the eager engine:", float32_failures, flush=True)
+sys.exit(1 if float32_failures else 0)
