@@ -92,6 +92,21 @@ def test_force_on_a_device_the_machine_lacks_deletes_nothing(finished_run, eval_
     assert snapshot(run) == before
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("fast_path", ["graphs", "compile"])
+def test_a_cuda_only_fast_path_on_the_cpu_is_refused_before_anything_is_touched(finished_run, eval_checkpoint, capsys,
+                                                                                monkeypatch, fast_path):
+    out, run = finished_run
+    before = snapshot(run)
+    capsys.readouterr()
+    no_model_loading(monkeypatch)
+    code = main("gsm8k", gsm8k_args(eval_checkpoint, out, "--fast-path", fast_path, "--force", limit=4))
+    assert code == 1
+    line = only_line(capsys.readouterr().err)
+    assert line == f"error: fast_path={fast_path!r} needs a CUDA device (this run's device is 'cpu'; allowed here: on, off)"
+    assert snapshot(run) == before
+
+
 def test_force_sets_old_results_aside_until_the_first_new_result(finished_run, eval_checkpoint, monkeypatch):
     out, run = finished_run
     before = snapshot(run)

@@ -83,6 +83,9 @@ def test_bad_model_args_are_one_line_errors(tokenizer_path):
         DllmGenerationLM(pretrained=tokenizer_path, protocol="papers")
     with pytest.raises(InvalidOptionError, match="subset='top'"):
         DllmGenerationLM(pretrained=tokenizer_path, layer_reuse_k=2, layer_reuse_subset="top")
+    if not __import__("torch").cuda.is_available():
+        with pytest.raises(InvalidOptionError, match="fast_path='graphs' needs a CUDA device"):
+            DllmGenerationLM(pretrained="/nonexistent/model", fast_path="graphs")  # refused before loading
 
 
 def test_rolling_loglikelihood_is_a_clear_not_supported(tokenizer_path):

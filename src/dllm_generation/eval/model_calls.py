@@ -82,8 +82,15 @@ def model_device(model) -> torch.device:
 
 
 def check_device(options) -> None:
-    """Refuse a device this machine does not have before anything is read or loaded."""
+    """Refuse a device this machine does not have, or a fast path the device cannot run, before
+    anything is read or loaded."""
     device = options.device
+    if options.fast_path in ("graphs", "compile"):
+        runs_on = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if not runs_on.startswith("cuda"):
+            raise InvalidOptionError(
+                f"fast_path={options.fast_path!r} needs a CUDA device (this run's device is {runs_on!r}; "
+                "allowed here: on, off)")
     if not device or not device.startswith("cuda"):
         return
     if not torch.cuda.is_available():

@@ -36,7 +36,8 @@ from .protocols import (
 
 TASKS = ("gsm8k", "math", "minerva_math", "ifeval", "mmlu", "gpqa", "arith")
 MMLU_MODES = ("loglikelihood", "generative")
-# GPU fast path of generate(): on = where it applies (CUDA graphs), off = plain path, compile = graphs + torch.compile.
+# Engine of generate(): on = the graphed engine (CUDA graphs) where it applies, off = the eager engine,
+# graphs / compile = the graphed engine explicitly (CUDA only), compile adding torch.compile.
 FAST_PATHS = ("on", "off", "graphs", "compile")
 FAST_PATH_VALUES = {"on": None, "off": False, "graphs": "graphs", "compile": "compile"}
 # reference = the reference's rule (bf16 on compute capability >= 8.0, fp16 on 7.x, fp32 off CUDA).

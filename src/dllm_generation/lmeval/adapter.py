@@ -20,6 +20,8 @@ used as given, and generation is cut at the first stop string and at ``max_gen_t
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import os
 import time
@@ -119,11 +121,12 @@ class DllmGenerationLM(LM):
             self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
             if device is None and self.accelerator.device.type == "cuda":
                 device = str(self.accelerator.device)
-        from ..eval.model_calls import build_generation_config, load_model_and_tokenizer
+        from ..eval.model_calls import build_generation_config, check_device, load_model_and_tokenizer
 
         import torch
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        check_device(dataclasses.replace(self.options, device=device))  # before the model loads
         self.model, self.tokenizer = load_model_and_tokenizer(self.options, device)
         self.generation_config = build_generation_config(self.options, self.tokenizer)
         self.throughput = {"generated_tokens": 0, "model_seconds": 0.0, "reference_tokens": 0, "loop_seconds": 0.0,
