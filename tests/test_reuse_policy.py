@@ -200,3 +200,66 @@ def test_per_layer_periods_must_match_the_target_layers(tiny_model):
     config = LayerReuseConfig(policy="per_layer", layer_k=[2, 4], layers=[1, 3])
     assert config.label == "ks2.4-layers1_3-output"
     assert LayerReuseConfig.coerce(config.to_dict()) == config
+
+
+# ------------------------------------------------------------------------------ decisions on the device
+def _reference_decisions(config, sbs, targets, history):
+    """The policies written out for one row, step by step in Python: `history` is [(sub, masked_now)]."""
+    out, sub, step, stored_at, masked_at_store = [], None, 0, 0, 0
+    for now_sub, masked_now in history:
+        if now_sub != sub:
+            sub, step = now_sub, 0
+        if step == 0:
+            computes = [True] * targets
+        elif config.policy == "per_layer":
+            computes = [step % k == 0 for k in config.layer_k]
+        elif config.policy == "fixed":
+            computes = [step % config.k == 0] * targets
+        else:
+            stale = config.max_staleness is not None and step - stored_at >= config.max_staleness
+            computes = [stale or (masked_at_store - masked_now) / sbs > config.tolerance] * targets
+        if all(computes):
+            stored_at, masked_at_store = step, masked_now
+        step += 1
+        out.append(computes)
+    return out
+
+
+@pytest.mark.parametrize("config", [
+    LayerReuseConfig(k=3, layers=[1, 2]),
+    LayerReuseConfig(policy="per_layer", layer_k=[2, 3], layers=[1, 2]),
+    LayerReuseConfig(policy="unmask_drift", tolerance=0.3, layers=[1, 2]),
+    LayerReuseConfig(policy="unmask_drift", tolerance=0.5, max_staleness=2, layers=[1, 2]),
+], ids=lambda c: c.label)
+def test_device_decisions_equal_the_rule_written_out_per_row(config):
+    """Random walks through sub-blocks for 5 rows at once equal the per-row rule step by step."""
+    import random
+
+    import torch
+
+    from dllm_generation.reuse_policy import ReuseSchedule, ReuseState
+
+    rng = random.Random(0)
+    sbs, rows, steps = 8, 5, 40
+    histories = []
+    for _ in range(rows):
+        sub, masked, history = 0, sbs, []
+        for _ in range(steps):
+            history.append((sub, masked))
+            masked -= rng.randint(1, 3)
+            if masked <= 0:
+                sub, masked = sub + 1, sbs
+        histories.append(history)
+    schedule = ReuseSchedule(config, sbs, 2, torch.device("cpu"))
+    state = ReuseState.fresh(rows, "cpu")
+    got = [[] for _ in range(rows)]
+    for t in range(steps):
+        sub = torch.tensor([h[t][0] for h in histories])
+        masked_now = torch.tensor([h[t][1] for h in histories])
+        decided = schedule.decide(state, sub, masked_now)
+        for r in range(rows):
+            got[r].append(decided[r].tolist())
+        ReuseSchedule.record(state, decided, masked_now, torch.ones(rows, dtype=torch.bool))
+    for r in range(rows):
+        assert got[r] == _reference_decisions(config, sbs, 2, histories[r]), r
+    assert any(not all(c) for row in got for c in row)  # some recalls happened

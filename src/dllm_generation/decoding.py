@@ -27,7 +27,7 @@ from .config import DiffusionSettings
 from .engines.base import Engine
 from .engines.eager import EagerEngine
 from .engines.plan import ForwardKind, ForwardPlan, LayerAction, StepPlan, layer_actions, reuse_span
-from .reuse_policy import ReuseSchedule, RowReuseState
+from .reuse_policy import ReuseSchedule, ReuseState
 from .runner import LayerStackRunner
 
 
@@ -104,8 +104,8 @@ class BlockDiffusionDecoder:
         self.stats = DecodeStats(layer_runs=[0] * runner.num_layers, layer_skips=[0] * runner.num_layers)
         # Target layers in layer order; a row's per-layer decisions are tuples aligned with them.
         self.reuse_targets = tuple(settings.reuse_layers) if settings.layer_reuse is not None else ()
-        self.schedule = (ReuseSchedule(settings.layer_reuse, settings.small_block_size, len(self.reuse_targets))
-                         if settings.layer_reuse is not None else None)
+        self.schedule = (ReuseSchedule(settings.layer_reuse, settings.small_block_size, len(self.reuse_targets),
+                                       runner.device) if settings.layer_reuse is not None else None)
         # What each row's reuse entries hold, per target layer: (sub-block serial, first slot, end
         # slot). Known from the plans (the engines store exactly what was planned), so deciding
         # whether a recall is possible needs no read from the device.
@@ -228,44 +228,56 @@ class BlockDiffusionDecoder:
         n_rows = block.shape[0]
         # A row already finished here got a stop token from the prefill or the commit forward as
         # this block's first token: it ends now, without denoising the rest of the block.
-        stopped = finished.tolist()
+        stopped_now = finished.clone()
+        stopped = stopped_now.tolist()
         sub_idx = [0] * n_rows
-        reuse_state = [RowReuseState() for _ in range(n_rows)]
+        reuse_state = ReuseState.fresh(n_rows, block.device) if self.schedule is not None else None
         ready = [False] * n_rows  # the row's block K/V were computed by a whole-block forward
         while True:
             # The step's one read from the device: per row and sub-block, the masked slots and
-            # whether the sub-block's first slot is masked.
+            # whether the sub-block's first slot is masked; with layer reuse, the policy's decisions.
             masked = (block == s.mask_token_id).view(n_rows, nsb, sbs)
-            host = torch.cat([masked.sum(-1), masked[:, :, 0].long()], dim=1).tolist()
-            masked_count = [row[:nsb] for row in host]
-            first_masked = [row[nsb:] for row in host]
+            counts = masked.sum(-1)
+            parts = [counts, masked[:, :, 0].long()]
+            if reuse_state is not None:
+                has_masks = counts > 0
+                active = has_masks.any(-1) & ~stopped_now
+                current = has_masks.long().argmax(-1)  # the first sub-block with masks
+                masked_now = counts.gather(1, current[:, None])[:, 0]
+                planned = self.schedule.decide(reuse_state, current, masked_now)
+                parts.append(planned.long())
+            host = torch.cat(parts, dim=1).tolist()
             decisions = {}
             for r in range(n_rows):
                 if stopped[r]:
                     continue
                 cur = sub_idx[r]
-                while cur < nsb and not masked_count[r][cur]:
+                while cur < nsb and not host[r][cur]:
                     cur += 1
                 if cur == nsb:
                     continue
-                if cur != sub_idx[r]:
-                    sub_idx[r], reuse_state[r] = cur, RowReuseState()
-                use_sub = s.use_block_cache and ready[r] and not first_masked[r][cur]
+                sub_idx[r] = cur
+                use_sub = s.use_block_cache and ready[r] and not host[r][nsb + cur]
                 kind = ForwardKind.SUB if use_sub else ForwardKind.BLOCK
-                computes = self.schedule.computes(reuse_state[r], masked_count[r][cur]) if self.schedule else ()
+                computes = tuple(bool(c) for c in host[r][2 * nsb:])
                 decisions[r] = (kind, computes)
             if not decisions:
                 return
             if self.reuse_targets:
+                planned_host = dict(decisions)
                 self._compute_where_uncovered(decisions, sub_idx, block_serial)
+                if decisions != planned_host:  # rare: tell the device which recalls became computes
+                    final = [list(decisions[r][1]) if r in decisions else [True] * len(self.reuse_targets)
+                             for r in range(n_rows)]
+                    planned = torch.tensor(final, dtype=torch.bool, device=block.device)
             step = self._plan_step(decisions, sub_idx, block_serial)
             unmasked = self.engine.denoise(step, block, pad, finished, want_unmasked=self.trace is not None)
             if self.trace is not None:
                 self._record(step, unmasked, block_serial, row_ids)
             self._count_step(step)
-            for r, (kind, computes) in decisions.items():
-                if self.schedule is not None:
-                    ReuseSchedule.record(reuse_state[r], computes, masked_count[r][sub_idx[r]])
+            if reuse_state is not None:
+                ReuseSchedule.record(reuse_state, planned, masked_now, active)
+            for r, (kind, _) in decisions.items():
                 if kind is ForwardKind.BLOCK:
                     ready[r] = True
 
