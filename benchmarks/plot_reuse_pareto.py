@@ -96,6 +96,9 @@ def main(argv=None) -> int:
     parser.add_argument("sources", nargs="+", help="task folders of run_grid.py's output, or summary.json files")
     parser.add_argument("--output", required=True, help="PNG path")
     parser.add_argument("--title", default=None)
+    parser.add_argument("--x", choices=("executions", "throughput"), default="executions",
+                        help="x axis: layer executions relative to no reuse, or measured tok/s (compare tok/s only "
+                        "between runs of one process on one card)")
     args = parser.parse_args(argv)
     import matplotlib
 
@@ -104,23 +107,27 @@ def main(argv=None) -> int:
 
     data = points(load(args.sources))
     fig, ax = plt.subplots(figsize=(7, 4.2))
+    def x_of(p):
+        return 100 * p["relative_executions"] if args.x == "executions" else p["tokens_per_second"]
+
     for policy, (marker, color, label) in STYLES.items():
         chosen = [p for p in data if p["policy"] == policy]
         if chosen:
-            ax.errorbar([100 * p["relative_executions"] for p in chosen], [100 * p["accuracy"] for p in chosen],
+            ax.errorbar([x_of(p) for p in chosen], [100 * p["accuracy"] for p in chosen],
                         yerr=[100 * p["stderr"] for p in chosen], fmt=marker, color=color, label=label, capsize=3)
-    ax.set_xlabel("layer executions, % of no reuse (lower is less work)")
+    ax.set_xlabel("layer executions, % of no reuse (lower is less work)" if args.x == "executions"
+                  else "tokens per second (higher is faster)")
     ax.set_ylabel("exact match, % (± standard error)")
     low = min(100 * (p["accuracy"] - 3 * p["stderr"]) for p in data)
     ax.set_ylim(max(0.0, low), min(100.0, max(100 * (p["accuracy"] + 3 * p["stderr"]) for p in data)))
-    ax.set_title(args.title or "accuracy vs layer executions")
+    ax.set_title(args.title or f"accuracy vs {'layer executions' if args.x == 'executions' else 'throughput'}")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left")
     fig.tight_layout()
     fig.savefig(args.output, dpi=120)
     for p in sorted(data, key=lambda p: p["relative_executions"]):
         print(f"{p['config']:34s} {p['policy']:13s} executions {100 * p['relative_executions']:6.2f} %  "
-              f"accuracy {100 * p['accuracy']:.1f} ± {100 * p['stderr']:.1f} %")
+              f"tok/s {p['tokens_per_second'] or 0:8.1f}  accuracy {100 * p['accuracy']:.1f} ± {100 * p['stderr']:.1f} %")
     print("\n".join(dominance(data)))
     return 0
 

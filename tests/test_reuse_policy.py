@@ -90,6 +90,9 @@ def test_policy_round_trips_through_generation_config(tmp_path):
     loaded = LayerReuseConfig.coerce(GenerationConfig.from_pretrained(tmp_path).layer_reuse)
     assert loaded == drift(0.375, max_staleness=4, mode="residual")
     assert loaded.label == "drift0.375-s4-layers1_2-residual"
+    scheduled = LayerReuseConfig(policy="per_layer", layer_k=[2, 3], subset="last", size=2)
+    GenerationConfig(layer_reuse=scheduled).save_pretrained(tmp_path / "per_layer")
+    assert LayerReuseConfig.coerce(GenerationConfig.from_pretrained(tmp_path / "per_layer").layer_reuse) == scheduled
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
