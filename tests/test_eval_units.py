@@ -343,3 +343,37 @@ def test_report_table_speedup_and_plot(tmp_path):
     assert "| 2.00x |" in row and "| 0.2500 |" in row and "| 40.0 |" in row
     png = tmp_path / "plots" / "gpqa_accuracy_vs_throughput.png"
     assert png.read_bytes()[:4] == b"\x89PNG" and "plots/gpqa_accuracy_vs_throughput.png" in text
+
+
+def test_a_busy_host_is_other_processes_cpu_use_not_this_processes_own():
+    """The load average counts this process too (a grid's previous configuration keeps it high); the
+    sampled measure counts only other processes."""
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from dllm_generation.eval.provenance import is_busy, other_cpu_use
+
+    stop = time.monotonic() + 1.0
+
+    def spin():
+        while time.monotonic() < stop:
+            pass
+
+    thread = threading.Thread(target=spin)
+    thread.start()
+    own = other_cpu_use(0.5)  # this process busy on one core
+    thread.join()
+    child = subprocess.Popen([sys.executable, "-c", "import time\nend = time.monotonic() + 1.5\nwhile time.monotonic() < end: pass"])
+    time.sleep(0.2)
+    other = other_cpu_use(0.5)  # another process busy on one core
+    child.wait()
+    assert other - own > 0.5, (own, other)
+    assert is_busy({"cpu_count": 2, "other_cpu_use": 1.2, "load_average": [0.1, 0, 0]})
+    assert not is_busy({"cpu_count": 2, "other_cpu_use": 0.1, "load_average": [3.5, 1.0, 0.5]})
+    assert is_busy({"cpu_count": 2, "load_average": [3.5, 1.0, 0.5]})  # not sampled: the load average decides
+    from dllm_generation.eval.report import comparability
+
+    note = comparability({"environment": {"device": "cuda:0", "busy": True, "cpu_count": 2, "other_cpu_use_before": 1.4}})
+    assert note == "busy host (other processes used 1.4 of 2 CPUs): tok/s not comparable"

@@ -116,8 +116,12 @@ def comparability(summary: dict) -> str:
     if str(env.get("device", "")).startswith("cpu"):
         notes.append("CPU")
     if env.get("busy"):
-        load = (env.get("load_average_before") or ["?"])[0]
-        notes.append(f"busy host (load {load} on {env.get('cpu_count', '?')} CPUs)")
+        if env.get("other_cpu_use_before") is not None:
+            notes.append(f"busy host (other processes used {env['other_cpu_use_before']} of "
+                         f"{env.get('cpu_count', '?')} CPUs)")
+        else:
+            load = (env.get("load_average_before") or ["?"])[0]
+            notes.append(f"busy host (load {load} on {env.get('cpu_count', '?')} CPUs)")
     return ", ".join(notes) + ": tok/s not comparable" if notes else ""
 
 

@@ -138,7 +138,7 @@ def run_eval(
     device = options.device
     warmup = None
     evaluator = None
-    load = machine_load()
+    load = machine_load(sample=True)
     if mine:
         if model is None:
             device = _choose_device(options, ctx)
