@@ -225,3 +225,48 @@ def test_qkv_weights_share_one_storage_without_a_second_copy(tiny_path, tmp_path
     model.save_pretrained(tmp_path)
     reloaded, _ = load_model(str(tmp_path), dtype=torch.float32)
     assert all(torch.equal(v, before[k]) for k, v in reloaded.state_dict().items())
+
+
+def test_running_out_of_memory_while_capturing_frees_the_graphs_and_decodes_on(tiny_model, monkeypatch, caplog):
+    """Simulated on the CPU: capturing raises OutOfMemoryError. The engine drops every graph it held
+    (here one captured earlier for another pass shape), logs why, and finishes the decode
+    uncaptured with the eager engine's tokens."""
+    from contextlib import contextmanager
+
+    from dllm_generation.engines import graphed
+
+    attempts = []
+
+    class FakeGraph:
+        def replay(self):
+            raise AssertionError("no graph may be replayed after the failure")
+
+    @contextmanager
+    def out_of_memory(graph, pool=None):
+        attempts.append(graph)
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        yield  # pragma: no cover
+
+    monkeypatch.setattr(graphed.torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(graphed.torch.cuda, "graph", out_of_memory)
+    monkeypatch.setattr(graphed.torch.cuda, "graph_pool_handle", lambda: object())
+    monkeypatch.setattr(graphed.torch.cuda, "synchronize", lambda *a, **k: None)
+    monkeypatch.setattr(graphed.torch.cuda, "empty_cache", lambda: None)
+    prompts = prompts_of([5, 40], seed=9)
+    kw = dict(max_new_tokens=48, **BASE)
+    want, _ = generate_new_tokens(tiny_model, prompts, fast_path=False, **kw)
+    runner = LayerStackRunner(tiny_model)
+    settings = resolve_settings(GenerationConfig(**kw), tiny_model.generation_config, tiny_model.config,
+                                num_layers=runner.num_layers)
+    engine = GraphedEngine(runner, settings, capture=True, compile_layers=False)
+    engine.bind(runner, settings)
+    engine.prepare(len(prompts), plan_layout([5, 40], 32, 48).capacity_blocks * 32)
+    engine.graphs["a pass shape captured earlier"] = FakeGraph()
+    engine.pool = object()
+    with caplog.at_level("WARNING", logger="dllm_generation.engines.graphed"):
+        got = BlockDiffusionDecoder(runner, settings, engine=engine).decode(prompts)
+    assert got == [w[: len(g)] for g, w in zip(got, want)]
+    assert len(attempts) == 1 and not engine.graphs and engine.pool is None
+    assert engine.graph_failure.startswith("out of memory while capturing")
+    assert "graphs freed, continuing without them" in caplog.text
+    assert engine.describe()["uncaptured_passes"] > 2
