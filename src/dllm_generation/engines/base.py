@@ -50,6 +50,12 @@ class Engine:
     def describe(self):
         return self.name
 
+    @property
+    def residual_reuse(self) -> bool:
+        """Recalled layers replay their stored residual (mode "residual"), so stores keep inputs too."""
+        reuse = self.settings.layer_reuse
+        return reuse is not None and reuse.mode == "residual"
+
     # -- forwards -------------------------------------------------------------------------------
     def greedy(self, hidden: torch.Tensor) -> torch.Tensor:
         return choose_tokens(self.runner.logits(hidden), mask_token_id=self.settings.mask_token_id)[0]

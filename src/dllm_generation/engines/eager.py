@@ -51,8 +51,7 @@ class EagerEngine(Engine):
                                  uniform_offset=uniform)
         reuse = None
         if plan.stores or plan.recalls:
-            residual = s.layer_reuse is not None and s.layer_reuse.mode == "residual"
-            reuse = ReusePlan(plan.actions, residual=residual, offsets=token_starts)
+            reuse = ReusePlan(plan.actions, residual=self.residual_reuse, offsets=token_starts)
         hidden = self.runner.hidden_states(tokens, positions, key_allowed(pad[rows], prefix + bs), self.cache, reuse)
         pick = prediction_index(sub_starts, token_starts, sbs)
         picked = hidden.gather(1, pick[..., None].expand(-1, -1, hidden.shape[-1]))

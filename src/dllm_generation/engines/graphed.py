@@ -42,7 +42,7 @@ from ..sampling import choose_tokens
 from .base import Engine
 from .plan import ForwardKind, LayerAction, StepPlan
 from .qkv import share_qkv_storage
-from .rules import unmask_confident
+from .rules import prediction_index, unmask_confident
 from .static_store import StaticBlockDiffusionCache, StaticStore
 
 logger = logging.getLogger(__name__)
@@ -177,7 +177,6 @@ class GraphedEngine(Engine):
             self.runner = runner
         self.settings = settings
         self.generator = generator
-        self.stop_ids = torch.tensor(settings.eos_token_ids or [-1], device=runner.device)
         self._call_start = (self.captures, self.capture_seconds, self.replays, self.uncaptured_passes)
 
     def reset(self) -> None:
@@ -284,13 +283,13 @@ class GraphedEngine(Engine):
                     entry["reuse_input"][rows_T, bslot_T] = x_in
         if key.commit:
             last = torch.arange(n_rows, device=x.device) * bs + bs - 1
-            st.out_tok[:n_rows].copy_(choose_tokens(runner.logits(runner.norm(x[last])), mask_token_id=key.mask_id)[0])
+            st.out_tok[:n_rows].copy_(self.greedy(runner.norm(x[last])))
             return
-        # Which packed hidden state predicts each slot of each row's sub-block (rules.prediction_index
-        # with every row's tokens placed at its offset in the packed batch).
+        # Which packed hidden state predicts each slot of each row's sub-block: the rule's index
+        # into the row's own tokens, offset by where the row's tokens sit in the packed batch.
         sub_start, tok_start = f["sub_start"][:n_rows], f["tok_start"][:n_rows]
         row_base = torch.cat([torch.arange(rb, device=x.device) * bs, tb + torch.arange(rs, device=x.device) * sbs])
-        pick = (row_base[:, None] + (sub_start[:, None] - tok_start[:, None] - 1 + st.ar_sub).clamp(min=0)).reshape(-1)
+        pick = (row_base[:, None] + prediction_index(sub_start, tok_start, sbs)).reshape(-1)
         tok, conf = choose_tokens(runner.logits(runner.norm(x[pick])), mask_token_id=key.mask_id)
         slots = sub_start[:, None] + st.ar_sub
         unmask = unmask_confident(st.block, st.finished, rows_R, slots, tok.view(n_rows, sbs),
@@ -351,8 +350,7 @@ class GraphedEngine(Engine):
     # -- the decoder's requests ------------------------------------------------------------------
     def _key(self, rb, rs, actions, commit, contiguous_b, contiguous_s) -> PassKey:
         s = self.settings
-        uses_reuse = any(action is not LayerAction.RUN for action in actions)
-        residual = s.layer_reuse is not None and s.layer_reuse.mode == "residual" and uses_reuse
+        residual = self.residual_reuse and any(action is not LayerAction.RUN for action in actions)
         return PassKey(rb, rs, actions, residual, commit, contiguous_b, contiguous_s, float(s.threshold),
                        int(s.mask_token_id))
 
