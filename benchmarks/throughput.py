@@ -4,7 +4,8 @@
 Workload: random weights of the checkpoint's exact shape (default: Fast_dLLM_v2_7B's config.json),
 bf16, SDPA; prompts of 96-160 random tokens; 256 new tokens; block 32, sub-block 8, threshold
 0.9. Grid: batch sizes x block cache on/off x (no layer reuse, k in {1,2,3} x {first, middle, last},
-or unmask-drift tolerances) x fast path on/off, under one or both workloads:
+or unmask-drift tolerances) x engine (`--fast-path`: on, compile, graphs, uncaptured, off = the eager
+engine), under one or both workloads:
 
 * `--workload random`: the weights as built. Every step unmasks exactly one token per row.
 * `--workload target`: a trained model unmasks several tokens per step (Fast_dLLM_v2_7B reports
@@ -23,10 +24,10 @@ transformers on CUDA), the same prompts, exactly `--new-tokens` tokens (benchmar
 Prints one table: tokens/s, tokens per forward, ms per forward (wall / forwards), its multiple of
 the floor, forwards, layer executions, speedup over our own run without layer reuse (same workload,
 batch, cache, path), its bound from the counted layer executions (executions without reuse /
-executions at this config) and the share of the bound reached, the ratio to the plain path, to the
+executions at this config) and the share of the bound reached, the ratio to the eager engine, to the
 autoregressive baseline at the same batch and, with `--reference-json`, to the reference sampler
-(benchmarks/reference_sampler.py gives the file format), and the token agreement between the fast and the
-plain path. Exits 1 if any run failed; bad arguments end with one line and exit 2 before any model
+(benchmarks/reference_sampler.py gives the file format), and the token agreement between the graphed
+and the eager engine. Exits 1 if any run failed; bad arguments end with one line and exit 2 before any model
 is built.
 
     hf download Efficient-Large-Model/Fast_dLLM_v2_7B config.json --local-dir fast_dllm_v2_7b
@@ -144,8 +145,8 @@ def parse_args(argv=None):
                    help=f"paths to run: on (default fast path), off (eager engine), uncaptured, graphs, compile (default: "
                         f"{FULL_GRID['fast_path']})")
     p.add_argument("--plain-grid", choices=("all", "baseline", "none"), default="all",
-                   help="which reuse settings the plain path (off) runs: all, only layer_reuse=None, none")
-    p.add_argument("--plain-batch-sizes", default=None, help="batch sizes for the plain path (default: --batch-sizes)")
+                   help="which reuse settings the eager engine (off) runs: all, only layer_reuse=None, none")
+    p.add_argument("--plain-batch-sizes", default=None, help="batch sizes for the eager engine (off) (default: --batch-sizes)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per config (the median is reported)")
     p.add_argument("--warmup", choices=("full", "short", "none"), default=None,
                    help="full: one untimed run of the same workload before timing; short: 2 blocks (default: full)")

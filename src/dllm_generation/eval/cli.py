@@ -124,7 +124,7 @@ def add_shared_arguments(parser: argparse.ArgumentParser, *, grid: bool = False,
     d.add_argument("--block-cache", dest="use_block_cache", action=argparse.BooleanOptionalAction, default=None,
                    help="reuse the current block's K/V between sub-blocks")
     d.add_argument("--fast-path", default=DEFAULTS.fast_path, choices=FAST_PATHS,
-                   help="GPU fast path: on (CUDA graphs where it applies), off (plain path), graphs, compile (faster; bf16 rounding differs)")
+                   help="engine: on (the graphed engine with CUDA graphs where it applies, else the eager engine), off (the eager engine), graphs, compile (graphed, CUDA only; compile is faster and rounds bf16 differently)")
     d.add_argument("--max-new-tokens", type=int, default=None, help="generation budget per prompt; None = the protocol's (320 for arith, else 2048)")
     d.add_argument("--batch-size", type=int, default=None, help="prompts per model call (pairs per forward for loglikelihood); None = the protocol's "
                    "(fork 1; paper 32 for generative tasks, else 1; arith 8, free under every protocol)")
