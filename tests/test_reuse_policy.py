@@ -266,3 +266,27 @@ def test_device_decisions_equal_the_rule_written_out_per_row(config):
     for r in range(rows):
         assert got[r] == _reference_decisions(config, sbs, 2, histories[r]), r
     assert any(not all(c) for row in got for c in row)  # some recalls happened
+
+
+@pytest.mark.parametrize("path", [False, "uncaptured"])
+def test_no_policy_adds_a_device_read(tiny_model, monkeypatch, path):
+    """Reads from the device (`tolist`, `item`) per decode: one per denoising step plus a fixed few per
+    block, with or without a policy; the policies' decisions travel in the step's one read."""
+    import torch
+
+    reads = []
+    for name in ("tolist", "item"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, _real=real: reads.append(1) or _real(self))
+    prompt = prompts_of([40], seed=12)
+    counts = {}
+    for label, reuse in (("none", None), ("fixed", LayerReuseConfig(k=2, layers=[1, 2])), ("drift", drift(0.5)),
+                         ("per_layer", per_layer(2, 3))):
+        reads.clear()
+        _, stats = generate_new_tokens(tiny_model, prompt, use_block_cache=True, layer_reuse=reuse,
+                                       fast_path=path, **KW)
+        counts[label] = (len(reads), stats["denoising_steps"], stats["commit_forwards"])
+    per_step = {label: (n - steps) for label, (n, steps, _) in counts.items()}
+    blocks = {label: commits for label, (_, _, commits) in counts.items()}
+    assert len(set(blocks.values())) == 1  # same number of blocks everywhere
+    assert len(set(per_step.values())) == 1, counts  # reads beyond one per step do not depend on the policy
