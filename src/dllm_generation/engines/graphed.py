@@ -77,21 +77,29 @@ def _rotary_function(layer):
 class LayerMath:
     """One decoder layer's work around the packed attention, through the model's own modules:
     its norms, o_proj and MLP, and transformers' `apply_rotary_pos_emb`. q/k/v are one matrix
-    product over their shared storage (`share_qkv_storage`)."""
+    product over their shared storage (`share_qkv_storage`).
+
+    The new keys and values are written into the static cache inside `pre_attention`, so that
+    under `torch.compile` the writes fuse with the rotary kernel instead of running as two more
+    kernels per layer.
+    """
 
     def __init__(self, rotary, n_heads: int, n_kv: int, head_dim: int):
         self.rotary = rotary
         self.sizes = (n_heads * head_dim, n_kv * head_dim, n_kv * head_dim)
         self.n_heads, self.n_kv, self.head_dim = n_heads, n_kv, head_dim
 
-    def pre_attention(self, layer, qkv_weight, qkv_bias, x, cos, sin):
+    def pre_attention(self, layer, qkv_weight, qkv_bias, x, cos, sin, keys, values, rows, slots):
+        """Queries [T, heads, head_dim]; the keys and values go to `keys`/`values`[rows, :, slots]."""
         h = layer.input_layernorm(x)
         q, k, v = F.linear(h, qkv_weight, qkv_bias).split(self.sizes, dim=-1)
         q = q.reshape(-1, self.n_heads, self.head_dim)
         k = k.reshape(-1, self.n_kv, self.head_dim)
         v = v.reshape(-1, self.n_kv, self.head_dim)
         q, k = self.rotary(q, k, cos, sin, unsqueeze_dim=1)
-        return q, k, v
+        keys[rows, :, slots] = k
+        values[rows, :, slots] = v
+        return q
 
     def post_attention(self, layer, x, attended):
         x = x + layer.self_attn.o_proj(attended)
@@ -120,7 +128,6 @@ class GraphedEngine(Engine):
         self.uncaptured_passes = 0
         self.graph_failure: str | None = None
         self.compile_failure: str | None = None
-        self.compile_checked = False
         self.evictions = 0
         self._runner_ref = None
         self._bind_model(runner)
@@ -264,9 +271,7 @@ class GraphedEngine(Engine):
                 x = out
                 continue
             x_in = x
-            q, k, v = self.pre(layer, *self.qkv[i], x, cos, sin)
-            st.keys[i][rows_T, :, slot_T] = k
-            st.values[i][rows_T, :, slot_T] = v
+            q = self.pre(layer, *self.qkv[i], x, cos, sin, st.keys[i], st.values[i], rows_T, slot_T)
             parts = []
             if rb:
                 parts.append(self._attend(q[:tb].view(rb, bs, self.n_heads, self.head_dim), st.keys[i], st.values[i],
@@ -305,15 +310,14 @@ class GraphedEngine(Engine):
             self.replays += 1
             return
         # First time: the uncaptured run does the real work (it is also the warm-up the capture needs).
-        if self.compile_layers and not self.compile_checked:
+        if self.compile_layers and self.compile_failure is None:
             try:
-                self._pass(key)  # compiles the layer functions
+                self._pass(key)  # compiles the layer functions, or recompiles them for a new shape
             except Exception as err:  # compiling is an optimisation: fall back to the plain functions
                 self.compile_failure = f"{type(err).__name__}: {str(err)[:500]}"
                 logger.warning("graphed engine: torch.compile failed, continuing without it: %s", self.compile_failure)
                 self._set_layer_functions(False)
                 self._pass(key)  # idempotent: recomputes and rewrites everything the failed run touched
-            self.compile_checked = True
         else:
             self._pass(key)
         self.uncaptured_passes += 1

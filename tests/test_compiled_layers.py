@@ -1,0 +1,72 @@
+"""The compiled layer functions (torch.compile, as `fast_path="compile"` uses them) write the cache
+and lay out the attention exactly as the plain ones: float32 on the CPU, tokens, counters and trace
+equal to the eager engine's. Slow: compiling on two CPU cores takes about a minute."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GenerationConfig
+
+from dllm_generation import LayerReuseConfig
+from dllm_generation.config import resolve_settings
+from dllm_generation.decoding import BlockDiffusionDecoder, plan_layout
+from dllm_generation.engines.graphed import GraphedEngine
+from dllm_generation.runner import LayerStackRunner
+from test_fast_path import BASE, COUNTERS, prompts_of
+
+
+@pytest.mark.slow
+def test_compiled_layer_functions_equal_the_eager_engine_in_float32(tiny_model):
+    torch._dynamo.reset()
+    lengths = [5, 33, 70]
+    prompts = prompts_of(lengths, seed=4)
+    for reuse in (None, LayerReuseConfig(k=2, subset="first", size=2)):
+        kw = dict(max_new_tokens=48, use_block_cache=True, layer_reuse=reuse, **BASE)
+        runner = LayerStackRunner(tiny_model)
+        settings = resolve_settings(GenerationConfig(**kw), tiny_model.generation_config, tiny_model.config,
+                                    num_layers=runner.num_layers)
+        capacity = plan_layout(lengths, 32, 48).capacity_blocks * 32
+        want = BlockDiffusionDecoder(runner, settings, trace=True)
+        want_tokens = want.decode(prompts)
+        engine = GraphedEngine(runner, settings, capture=False, compile_layers=True)
+        engine.bind(runner, settings)
+        engine.prepare(len(prompts), capacity)
+        got = BlockDiffusionDecoder(runner, settings, engine=engine, trace=True)
+        assert got.decode(prompts) == want_tokens
+        assert engine.compile_failure is None and engine.describe()["mode"] == "compile"
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # both layer functions compiled
+        assert got.trace == want.trace
+        g, w = got.stats.as_dict(), want.stats.as_dict()
+        assert {k: g[k] for k in COUNTERS} == {k: w[k] for k in COUNTERS}
+
+
+def test_a_compile_failure_on_a_later_pass_shape_falls_back_to_the_plain_functions(tiny_model, caplog):
+    """torch.compile recompiles the layer functions for a new pass shape (and can fail then, e.g. at
+    its recompile limit): that pass and every later one run the plain functions, with the same tokens."""
+    prompts = prompts_of([5, 40], seed=9)
+    kw = dict(max_new_tokens=48, use_block_cache=True, **BASE)
+    runner = LayerStackRunner(tiny_model)
+    settings = resolve_settings(GenerationConfig(**kw), tiny_model.generation_config, tiny_model.config,
+                                num_layers=runner.num_layers)
+    want = BlockDiffusionDecoder(runner, settings).decode(prompts)
+    engine = GraphedEngine(runner, settings, capture=False, compile_layers=False)
+    engine.bind(runner, settings)
+    engine.prepare(len(prompts), plan_layout([5, 40], 32, 48).capacity_blocks * 32)
+    engine.compile_layers = True  # stands in for compiled functions that fail on their second shape
+    plain_pre, shapes = engine.math.pre_attention, []
+
+    def pre_failing_on_a_new_shape(layer, *args):
+        tokens = args[3].shape[0]
+        if tokens not in shapes:
+            shapes.append(tokens)
+        if len(shapes) > 1:
+            raise RuntimeError("recompile limit reached")
+        return plain_pre(layer, *args)
+
+    engine.pre = pre_failing_on_a_new_shape
+    with caplog.at_level("WARNING", logger="dllm_generation.engines.graphed"):
+        got = BlockDiffusionDecoder(runner, settings, engine=engine).decode(prompts)
+    assert got == want
+    assert len(shapes) == 2 and engine.pre == engine.math.pre_attention
+    assert engine.compile_failure == "RuntimeError: recompile limit reached"
+    assert "torch.compile failed, continuing without it" in caplog.text
