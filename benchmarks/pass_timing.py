@@ -22,16 +22,30 @@ Random weights of the config's shape, built on the device (throughput.py's `buil
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import throughput  # noqa: E402  (the sibling benchmark: model building, prompts, timed generate)
+
+def _load_throughput():
+    """The sibling benchmark (model building, prompts, timed generate), loaded from its file as
+    throughput.py loads its own siblings: benchmarks/ is a folder of scripts, not a package."""
+    name = "benchmarks_throughput"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().with_name("throughput.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+throughput = _load_throughput()
 
 COMPILE_VARIANTS = {"compile-static": dict(dynamic=False),
                     "compile-autotune": dict(dynamic=False, mode="max-autotune-no-cudagraphs")}
