@@ -276,7 +276,7 @@ def test_recall_falls_back_to_compute_when_the_entry_does_not_cover_the_request(
     decoder.reuse_entries = [{1: (1, 8, 16), 2: (1, 8, 16)}, {1: (2, 16, 24), 2: (2, 0, 32)}, {1: (1, 0, 32)}]
     decisions = {0: (ForwardKind.SUB, (False, False)), 1: (ForwardKind.BLOCK, (False, False)),
                  2: (ForwardKind.SUB, (False, False))}
-    decoder._compute_where_uncovered(decisions, [1, 2, 2], 0)
+    decoder._compute_where_uncovered(decisions, decoder._spans(decisions, [1, 2, 2], 0))
     assert decisions == {
         0: (ForwardKind.SUB, (False, False)),  # same sub-block and slots: recall
         1: (ForwardKind.BLOCK, (True, False)),  # a whole-block request: only the whole-block entry covers it

@@ -263,14 +263,15 @@ class BlockDiffusionDecoder:
                 decisions[r] = (kind, computes)
             if not decisions:
                 return
+            spans = self._spans(decisions, sub_idx, block_serial) if self.reuse_targets else {}
             if self.reuse_targets:
                 planned_host = dict(decisions)
-                self._compute_where_uncovered(decisions, sub_idx, block_serial)
+                self._compute_where_uncovered(decisions, spans)
                 if decisions != planned_host:  # rare: tell the device which recalls became computes
                     final = [list(decisions[r][1]) if r in decisions else [True] * len(self.reuse_targets)
                              for r in range(n_rows)]
                     planned = torch.tensor(final, dtype=torch.bool, device=block.device)
-            step = self._plan_step(decisions, sub_idx, block_serial)
+            step = self._plan_step(decisions, sub_idx, spans)
             unmasked = self.engine.denoise(step, block, pad, finished, want_unmasked=self.trace is not None)
             if self.trace is not None:
                 self._record(step, unmasked, block_serial, row_ids)
@@ -281,9 +282,9 @@ class BlockDiffusionDecoder:
                 if kind is ForwardKind.BLOCK:
                     ready[r] = True
 
-    def _plan_step(self, decisions, sub_idx, block_serial) -> StepPlan:
-        """Group rows by (kind, per-layer decisions): one `ForwardPlan` each, recalls first."""
-        s = self.settings
+    def _plan_step(self, decisions, sub_idx, spans) -> StepPlan:
+        """Group rows by (kind, per-layer decisions): one `ForwardPlan` each, recalls first; note the
+        reuse entries each forward stores (`spans`: per row, sub-block serial and covered slots)."""
         groups = defaultdict(list)
         for r, key in decisions.items():
             groups[key].append(r)
@@ -293,11 +294,9 @@ class BlockDiffusionDecoder:
             step.append(ForwardPlan(kind=kind, rows=tuple(rows), subs=tuple(sub_idx[r] for r in rows),
                                     actions=layer_actions(num_layers, self.reuse_targets, computes)))
             for r in rows:  # the entries this forward stores
-                tag = self._tag(block_serial, sub_idx[r])
-                lo, hi = reuse_span(kind, sub_idx[r], s.block_size, s.small_block_size)
                 for layer, compute in zip(self.reuse_targets, computes):
                     if compute:
-                        self.reuse_entries[r][layer] = (tag, lo, hi)
+                        self.reuse_entries[r][layer] = spans[r]
         return tuple(step)
 
     def _record(self, step: StepPlan, unmasked, block_serial, row_ids) -> None:
@@ -310,20 +309,25 @@ class BlockDiffusionDecoder:
                                "compute": not plan.recalls, "sub": list(plan.subs),
                                "tokens": plan.token_count(self.settings.block_size, sbs), "unmasked": slots})
 
-    def _compute_where_uncovered(self, decisions, sub_idx, block_serial):
+    def _compute_where_uncovered(self, decisions, spans):
         """A recall needs the layer's entry to be from this sub-block and to cover the requested
         slots (an entry stored by a sub-block forward does not cover a whole-block forward)."""
-        s = self.settings
         for r, (kind, computes) in decisions.items():
             if all(computes):
                 continue
-            tag = self._tag(block_serial, sub_idx[r])
-            lo, hi = reuse_span(kind, sub_idx[r], s.block_size, s.small_block_size)
+            tag, lo, hi = spans[r]
             entries = self.reuse_entries[r]
             fixed = tuple(
                 compute or (entry := entries.get(layer)) is None or entry[0] != tag or entry[1] > lo or entry[2] < hi
                 for layer, compute in zip(self.reuse_targets, computes))
             decisions[r] = (kind, fixed)
+
+    def _spans(self, decisions, sub_idx, block_serial) -> dict[int, tuple[int, int, int]]:
+        """Per deciding row: its sub-block's serial and the block slots its forward feeds, which is
+        what a reuse entry it stores holds and what a recall of it needs covered."""
+        s = self.settings
+        return {r: (self._tag(block_serial, sub_idx[r]), *reuse_span(kind, sub_idx[r], s.block_size, s.small_block_size))
+                for r, (kind, _) in decisions.items()}
 
     def _tag(self, block_serial: int, sub: int) -> int:
         """The serial of a sub-block: reuse entries are valid only for the one they were stored in."""
