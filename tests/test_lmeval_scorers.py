@@ -124,7 +124,7 @@ def test_minerva_math_scores_equal_lm_eval(tmp_path):
     assert 0 < sum(ours) < 60
     assert math.isclose(sum(ours) / 60, agg["math_verify,none"], rel_tol=1e-12)
     assert math.isclose(mean_stderr(ours), agg["math_verify_stderr,none"], rel_tol=1e-12)
-    # The examples: a Minerva sentence with trailing words scores 1; \fbox and two boxes as lm-eval says.
+    # Examples: a Minerva sentence with trailing words scores 1; \fbox and two boxes as lm-eval says.
     assert score_sample("math", "Final Answer: The final answer is 12, because we add 5 and 7; the other root is 3.",
                         {"problem": "p", "solution": "$\\boxed{12}$"})["correct"] is True
 
