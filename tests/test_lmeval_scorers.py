@@ -227,3 +227,14 @@ def test_mmlu_categories_equal_lm_eval_groups():
             cfg = yaml.safe_load(f)
         theirs[cfg["dataset_name"]] = cfg["tag"].removeprefix("mmlu_").removesuffix("_tasks")
     assert len(theirs) == 57 and theirs == MMLU_CATEGORY_OF
+
+
+def test_language_checks_are_repeatable_in_lm_eval_too(tmp_path):
+    """langdetect draws at random unless seeded; building the IFEval task seeds it, so lm-eval's
+    language checks give one answer for an ambiguous response (unseeded: about 1 draw in 6 differs)."""
+    from dllm_generation.lmeval.local_tasks import local_tasks
+
+    langdetect = pytest.importorskip("langdetect")
+    langdetect.DetectorFactory.seed = None
+    local_tasks(["ifeval"], data_dir=str(DATA), workdir=str(tmp_path))
+    assert len({langdetect.detect("<<to>>\nto to. to?") for _ in range(60)}) == 1

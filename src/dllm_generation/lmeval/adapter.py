@@ -113,6 +113,9 @@ class DllmGenerationLM(LM):
             loglikelihood_forward=loglikelihood_forward,
         ).validate()
         self.protocol = protocol
+        from ..eval.metrics.ifeval import seed_language_detection
+
+        seed_language_detection()  # IFEval's language checks score the same response the same way in every run
         self._rank, self._world_size, self.accelerator = 0, 1, None
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             import accelerate

@@ -71,9 +71,11 @@ def local_tasks(names: list[str], *, data_dir: str, workdir: str, gpqa_csv: str 
         elif name == "minerva_math":
             out += minerva_math_tasks(f"{data_dir}/math500/test.jsonl", workdir)
         elif name == "ifeval":
+            from ..eval.metrics.ifeval import seed_language_detection
             from ..eval.metrics.punkt_offline import ensure_offline_punkt
 
             ensure_offline_punkt()  # lm-eval's ifeval utils download punkt_tab at import unless NLTK finds it
+            seed_language_detection()  # lm-eval's language checks, repeatable as ours
             out.append(build_task("ifeval", {"train": f"{data_dir}/ifeval/input_data.jsonl"}))
         elif name == "mmlu":
             out += mmlu_tasks(f"{data_dir}/mmlu", workdir)
