@@ -22,30 +22,15 @@ Random weights of the config's shape, built on the device (throughput.py's `buil
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-
-def _load_throughput():
-    """The sibling benchmark (model building, prompts, timed generate), loaded from its file as
-    throughput.py loads its own siblings: benchmarks/ is a folder of scripts, not a package."""
-    name = "benchmarks_throughput"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().with_name("throughput.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-throughput = _load_throughput()
+import throughput  # benchmarks/throughput.py, beside this script (as fast_path_agreement.py imports it)
 
 COMPILE_VARIANTS = {"compile-static": dict(dynamic=False),
                     "compile-autotune": dict(dynamic=False, mode="max-autotune-no-cudagraphs")}
@@ -218,7 +203,7 @@ def main(argv=None) -> int:
     model = throughput.build_model(raw, args)
     vocab_high = min(int(raw["vocab_size"]) - 8, throughput.PAD_ID)
     ids, mask = throughput.make_prompts(args, 1, vocab_high)
-    results = {"environment": throughput.environment(args), "arguments": {k: v for k, v in vars(args).items()},
+    results = {"environment": throughput.environment(args), "arguments": dict(vars(args)),
                "matrix_products": {}, "modes": {}}
     results["environment"]["weights_floor"] = floor = throughput.baselines.weights_stream_floor(model)
     print(f"weights-stream floor: {floor['gigabytes']} GB read in {floor['ms']} ms ({floor['gb_per_second']} GB/s)",
