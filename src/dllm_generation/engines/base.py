@@ -32,7 +32,6 @@ class Engine:
         self.settings = settings
         self.generator = generator
         self.cache: BlockDiffusionCache | None = None
-        self.stop_ids = torch.tensor(settings.eos_token_ids or [-1], device=runner.device)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self, batch: int, capacity: int) -> None:

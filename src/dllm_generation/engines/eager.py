@@ -19,6 +19,11 @@ from .rules import prediction_index, unmask_confident
 class EagerEngine(Engine):
     name = "eager"
 
+    def __init__(self, runner, settings, *, generator: torch.Generator | None = None):
+        super().__init__(runner, settings, generator=generator)
+        # The graphed engine keeps its stop ids in its static buffers (they change with each call's settings).
+        self.stop_ids = torch.tensor(settings.eos_token_ids or [-1], device=runner.device)
+
     def commit(self, block: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
         bs, dev, p = self.settings.block_size, block.device, self.cache.prefix_len
         positions = (p - pad)[:, None] + torch.arange(bs, device=dev)
