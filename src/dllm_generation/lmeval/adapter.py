@@ -21,7 +21,6 @@ used as given, and generation is cut at the first stop string and at ``max_gen_t
 from __future__ import annotations
 
 import dataclasses
-
 import logging
 import os
 import time
