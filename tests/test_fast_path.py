@@ -97,6 +97,23 @@ def test_graphed_engine_trace_matches_eager_trace(tiny_model):
     assert dec_e.stats.as_dict() | {"wall_seconds": 0} == dec_g.stats.as_dict() | {"wall_seconds": 0}
 
 
+@pytest.mark.parametrize("use_block_cache", [True, False])
+@pytest.mark.parametrize("reuse", [None, LayerReuseConfig(k=1, subset="first", size=2)], ids=["none", "k1"])
+def test_repeated_steps_give_the_eager_trace(tiny_model, use_block_cache, reuse):
+    """Without a schedule that recalls, the graphed engine repeats a step while the decoder would plan
+    it again (whole-block rows wait for their sub-block's first slot); every run is traced and counted
+    as its own step, exactly as the eager engine's one-step-per-plan decode."""
+    prompts = prompts_of([5, 40, 64], seed=4)
+    cfg = dict(max_new_tokens=64, use_block_cache=use_block_cache, layer_reuse=reuse, **BASE)
+    (out_e, dec_e), (out_g, dec_g) = (_decode(tiny_model, prompts, mode, cfg) for mode in (False, "uncaptured"))
+    assert out_e == out_g and dec_e.trace == dec_g.trace
+    assert dec_e.stats.as_dict() | {"wall_seconds": 0} == dec_g.stats.as_dict() | {"wall_seconds": 0}
+    repeated = dec_g.engine.describe()["repeated_runs"]
+    assert 0 < repeated < dec_g.stats.denoising_steps
+    single, decoder = _decode(tiny_model, prompts[1:2], "uncaptured", cfg)
+    assert single == [out_g[1]]  # a row's steps repeat alike alone and in a batch
+
+
 class ModuleCalls:
     """Counts calls of each layer's modules that both engines call (o_proj and mlp)."""
 
@@ -238,6 +255,9 @@ def test_running_out_of_memory_while_capturing_frees_the_graphs_and_decodes_on(t
     attempts = []
 
     class FakeGraph:
+        def __init__(self, keep_graph=False):
+            pass
+
         def replay(self):
             raise AssertionError("no graph may be replayed after the failure")
 

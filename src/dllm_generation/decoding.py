@@ -26,7 +26,7 @@ import torch
 from .config import DiffusionSettings
 from .engines.base import Engine
 from .engines.eager import EagerEngine
-from .engines.plan import ForwardKind, ForwardPlan, LayerAction, StepPlan, layer_actions, reuse_span
+from .engines.plan import ForwardKind, ForwardPlan, LayerAction, Repeat, StepPlan, layer_actions, reuse_span
 from .reuse_policy import ReuseSchedule, ReuseState
 from .runner import LayerStackRunner
 
@@ -272,15 +272,26 @@ class BlockDiffusionDecoder:
                              for r in range(n_rows)]
                     planned = torch.tensor(final, dtype=torch.bool, device=block.device)
             step = self._plan_step(decisions, sub_idx, spans)
-            unmasked = self.engine.denoise(step, block, pad, finished, want_unmasked=self.trace is not None)
-            if self.trace is not None:
-                self._record(step, unmasked, block_serial, row_ids)
-            self._count_step(step)
-            if reuse_state is not None:
-                ReuseSchedule.record(reuse_state, planned, masked_now, active)
+            result = self.engine.denoise(step, block, pad, finished, want_unmasked=self.trace is not None,
+                                         repeat=self._repeat())
+            for run in range(result.runs):
+                if self.trace is not None:
+                    self._record(step, result.unmasked[run], block_serial, row_ids)
+                self._count_step(step)
+                if reuse_state is not None:
+                    ReuseSchedule.record(reuse_state, planned, masked_now, active)
             for r, (kind, _) in decisions.items():
                 if kind is ForwardKind.BLOCK:
                     ready[r] = True
+
+    def _repeat(self) -> Repeat | None:
+        """Leave to repeat a step unchanged while `rules.step_repeats` holds: the next plan then
+        depends only on the block's masks, unless a reuse schedule may switch a layer to recall.
+        A schedule that always computes repeats too: per run it records the chain's first masked
+        count, which only the drift policy reads, and that policy never repeats."""
+        if self.schedule is not None and not self.schedule.always_computes:
+            return None
+        return Repeat(block_rows_wait=self.settings.use_block_cache)
 
     def _plan_step(self, decisions, sub_idx, spans) -> StepPlan:
         """Group rows by (kind, per-layer decisions): one `ForwardPlan` each, recalls first; note the

@@ -13,7 +13,7 @@ from ..cache import BlockDiffusionCache
 from ..config import DiffusionSettings
 from ..runner import LayerStackRunner
 from ..sampling import choose_tokens
-from .plan import StepPlan
+from .plan import Repeat, StepPlan, StepRuns
 
 
 def key_allowed(pad: torch.Tensor, kv_len: int) -> torch.Tensor:
@@ -79,7 +79,9 @@ class Engine:
         raise NotImplementedError
 
     def denoise(self, step: StepPlan, block: torch.Tensor, pad: torch.Tensor, finished: torch.Tensor,
-                *, want_unmasked: bool = False) -> list[torch.Tensor] | None:
-        """Run one denoising step, updating `block` and `finished` in place. With `want_unmasked`,
-        return each forward's [R, sbs] mask of the slots it unmasked (for traces)."""
+                *, want_unmasked: bool = False, repeat: Repeat | None = None) -> StepRuns:
+        """Run one denoising step, updating `block` and `finished` in place; with `repeat`, the
+        engine may run it again while `rules.step_repeats` holds. With `want_unmasked`, the result
+        keeps each run's masks of the slots it unmasked (for traces)."""
         raise NotImplementedError
+

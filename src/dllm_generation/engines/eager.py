@@ -12,7 +12,7 @@ import torch
 from ..runner import ReusePlan
 from ..sampling import choose_tokens
 from .base import Engine, key_allowed
-from .plan import ForwardKind, ForwardPlan, StepPlan
+from .plan import ForwardKind, ForwardPlan, Repeat, StepPlan, StepRuns
 from .rules import prediction_index, unmask_confident
 
 
@@ -33,9 +33,11 @@ class EagerEngine(Engine):
         self.cache.advance(bs)
         return self.greedy(hidden[:, -1])
 
-    def denoise(self, step: StepPlan, block, pad, finished, *, want_unmasked: bool = False):
+    def denoise(self, step: StepPlan, block, pad, finished, *, want_unmasked: bool = False,
+                repeat: Repeat | None = None) -> StepRuns:
+        # Runs once whatever `repeat` allows: repeating from the host would save nothing here.
         unmasked = [self._forward(plan, block, pad, finished) for plan in step]
-        return unmasked if want_unmasked else None
+        return StepRuns(1, [unmasked] if want_unmasked else None)
 
     def _forward(self, plan: ForwardPlan, block, pad, finished) -> torch.Tensor:
         s, dev = self.settings, block.device

@@ -40,9 +40,10 @@ import torch.nn.functional as F
 
 from ..sampling import choose_tokens
 from .base import Engine
-from .plan import ForwardKind, LayerAction, StepPlan
+from .device_loop import DeviceLoop, loop_support
+from .plan import ForwardKind, LayerAction, Repeat, StepPlan, StepRuns
 from .qkv import share_qkv_storage
-from .rules import prediction_index, unmask_confident
+from .rules import prediction_index, step_repeats, unmask_confident
 from .static_store import StaticBlockDiffusionCache, StaticStore
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ class PassKey:
     contiguous_s: bool
     threshold: float
     mask_id: int
+    repeat: bool  # a step that may repeat: the pass counts its runs and computes whether to run again
 
 
 def _rotary_function(layer):
@@ -129,6 +131,10 @@ class GraphedEngine(Engine):
         self.graph_failure: str | None = None
         self.compile_failure: str | None = None
         self.evictions = 0
+        self.loops: dict[PassKey, DeviceLoop] = {}
+        self.loop_failure: str | None = None
+        self.loop_launches = 0
+        self.repeated_runs = 0  # runs of a step after its first, on the device or from the host
         self._runner_ref = None
         self._bind_model(runner)
 
@@ -184,9 +190,13 @@ class GraphedEngine(Engine):
             self.runner = runner
         self.settings = settings
         self.generator = generator
-        self._call_start = (self.captures, self.capture_seconds, self.replays, self.uncaptured_passes)
+        self._call_start = (self.captures, self.capture_seconds, self.replays, self.uncaptured_passes,
+                            self.loop_launches, self.repeated_runs)
 
     def reset(self) -> None:
+        for loop in self.loops.values():
+            loop.close()
+        self.loops.clear()
         self.graphs.clear()
         self.store = None
         self.pool = None
@@ -216,11 +226,14 @@ class GraphedEngine(Engine):
 
     def describe(self) -> dict:
         """Mode and this call's counters (graphs captured, replays, passes run uncaptured)."""
-        c0, s0, r0, e0 = getattr(self, "_call_start", (0, 0.0, 0, 0))
+        c0, s0, r0, e0, l0, p0 = getattr(self, "_call_start", (0, 0.0, 0, 0, 0, 0))
         return {"mode": self.mode, "graphs_held": len(self.graphs), "captures": self.captures - c0,
                 "capture_seconds": round(self.capture_seconds - s0, 3), "replays": self.replays - r0,
-                "uncaptured_passes": self.uncaptured_passes - e0, "graph_failure": self.graph_failure,
-                "compile_failure": self.compile_failure, "evictions": self.evictions}
+                "uncaptured_passes": self.uncaptured_passes - e0, "device_loops_held": len(self.loops),
+                "device_loop_launches": self.loop_launches - l0, "repeated_runs": self.repeated_runs - p0,
+                "graph_failure": self.graph_failure,
+                "compile_failure": self.compile_failure, "loop_failure": self.loop_failure,
+                "evictions": self.evictions}
 
     @property
     def mode(self) -> str:
@@ -301,6 +314,13 @@ class GraphedEngine(Engine):
                                   conf.view(n_rows, sbs), threshold=key.threshold, mask_token_id=key.mask_id,
                                   stop_ids=st.stop_ids)
         st.unmask[:n_rows].copy_(unmask)
+        if key.repeat:
+            runs = f["runs"]
+            st.unmask_runs[:, :n_rows].index_copy_(0, runs, unmask[None])
+            runs.add_(1)
+            again = step_repeats(st.block, rows_R, sub_start, f["hold"][:n_rows] != 0, small_block_size=sbs,
+                                 mask_token_id=key.mask_id)
+            st.again.copy_(again & (runs < sbs))
 
     def _run(self, key: PassKey) -> None:
         graph = self.graphs.get(key)
@@ -324,18 +344,26 @@ class GraphedEngine(Engine):
         if not self.capture or self.graph_failure is not None:
             return
         while len(self.graphs) >= MAX_GRAPHS:
-            self.graphs.popitem(last=False)
+            dropped, _ = self.graphs.popitem(last=False)
+            loop = self.loops.pop(dropped, None)
+            if loop is not None:
+                loop.close()
             self.evictions += 1
         t0 = time.perf_counter()
         try:
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
+            # A step that may repeat keeps its graph for a device loop to hold as its body.
+            keep = key.repeat and self.loop_failure is None
+            graph = torch.cuda.CUDAGraph(keep_graph=True) if keep else torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
                 self._pass(key)
         except torch.OutOfMemoryError as err:
             # Give back everything captured so far, then keep decoding uncaptured.
             self.graph_failure = f"out of memory while capturing: {str(err)[:300]}"
+            for loop in self.loops.values():
+                loop.close(wait=False)
+            self.loops.clear()
             self.graphs.clear()
             self.pool = None
             torch.cuda.synchronize()
@@ -351,12 +379,47 @@ class GraphedEngine(Engine):
         self.captures += 1
         self.capture_seconds += time.perf_counter() - t0
 
+    def _run_repeated(self, key: PassKey) -> int:
+        """Run a repeatable pass until `rules.step_repeats` fails; return how many runs it took.
+
+        With a device loop the GPU repeats it; otherwise (first use, no captured graph, or no
+        device loops here) the host reads the pass's flag after each run."""
+        loop = self.loops.get(key)
+        if loop is not None:
+            loop.launch()
+            self.loop_launches += 1
+            self.graphs.move_to_end(key)
+            runs = int(self.store.fields["runs"].item())
+        else:
+            runs = 1
+            self._run(key)
+            while bool(self.store.again):
+                self._run(key)
+                runs += 1
+            self._add_loop(key)
+        self.repeated_runs += runs - 1
+        return runs
+
+    def _add_loop(self, key: PassKey) -> None:
+        graph = self.graphs.get(key)
+        if graph is None or self.loop_failure is not None:
+            return
+        reason = loop_support(self.store.device.index or 0)
+        if reason is None:
+            try:
+                self.loops[key] = DeviceLoop(graph, self.store.again)
+                return
+            except Exception as err:  # an optimisation: repeat from the host instead
+                reason = f"{type(err).__name__}: {str(err)[:300]}"
+        self.loop_failure = reason
+        logger.warning("graphed engine: device loops unavailable, repeating steps from the host: %s", reason)
+
     # -- the decoder's requests ------------------------------------------------------------------
-    def _key(self, rb, rs, actions, commit, contiguous_b, contiguous_s) -> PassKey:
+    def _key(self, rb, rs, actions, commit, contiguous_b, contiguous_s, repeat=False) -> PassKey:
         s = self.settings
         residual = self.residual_reuse and any(action is not LayerAction.RUN for action in actions)
         return PassKey(rb, rs, actions, residual, commit, contiguous_b, contiguous_s, float(s.threshold),
-                       int(s.mask_token_id))
+                       int(s.mask_token_id), repeat)
 
     def _load_state(self, block, pad, finished) -> None:
         st = self.store
@@ -365,7 +428,8 @@ class GraphedEngine(Engine):
         st.pad[:n].copy_(pad)
         st.finished[:n].copy_(finished)
 
-    def denoise(self, step: StepPlan, block, pad, finished, *, want_unmasked: bool = False):
+    def denoise(self, step: StepPlan, block, pad, finished, *, want_unmasked: bool = False,
+                repeat: Repeat | None = None) -> StepRuns:
         st, s = self.store, self.settings
         bs, sbs = s.block_size, s.small_block_size
         n_rows = block.shape[0]
@@ -374,6 +438,8 @@ class GraphedEngine(Engine):
         passes: dict[tuple, dict[ForwardKind, int]] = {}
         for index, plan in enumerate(step):
             passes.setdefault(plan.actions, {})[plan.kind] = index
+        repeats = repeat is not None and len(passes) == 1  # a step of several passes runs once
+        runs = 1
         unmasked: list[torch.Tensor | None] = [None] * len(step)
         for actions, by_kind in passes.items():
             block_plan = step[by_kind[ForwardKind.BLOCK]] if ForwardKind.BLOCK in by_kind else None
@@ -391,17 +457,27 @@ class GraphedEngine(Engine):
             values = {"rows_T": rows_T, "bslot_T": bslot_T, "rows_b": rows_np[:rb], "rows_s": rows_np[rb:],
                       "rows_R": rows_np, "sub_start": sub_start, "tok_start": tok_start,
                       "P": np.asarray([self.cache.prefix_len], dtype=np.int64)}
+            if repeats:
+                values["hold"] = np.asarray([h for p in plans for h in repeat.hold_first(p)], dtype=np.int64)
+                values["runs"] = np.zeros(1, dtype=np.int64)
             st.upload(values)
-            self._run(self._key(rb, rs, actions, False, rb_rows == list(range(rb)), rb == 0 and rs_rows == list(range(rs))))
+            key = self._key(rb, rs, actions, False, rb_rows == list(range(rb)), rb == 0 and rs_rows == list(range(rs)),
+                            repeats)
+            if repeats:
+                runs = self._run_repeated(key)
+            else:
+                self._run(key)
             if want_unmasked:
-                result = st.unmask[: rb + rs].clone()
+                result = st.unmask_runs[:runs, : rb + rs].clone() if repeats else st.unmask[None, : rb + rs].clone()
                 if block_plan is not None:
-                    unmasked[by_kind[ForwardKind.BLOCK]] = result[:rb]
+                    unmasked[by_kind[ForwardKind.BLOCK]] = result[:, :rb]
                 if sub_plan is not None:
-                    unmasked[by_kind[ForwardKind.SUB]] = result[rb:]
+                    unmasked[by_kind[ForwardKind.SUB]] = result[:, rb:]
         block.copy_(st.block[:n_rows])
         finished.copy_(st.finished[:n_rows])
-        return unmasked if want_unmasked else None
+        if not want_unmasked:
+            return StepRuns(runs)
+        return StepRuns(runs, [[masks[run] for masks in unmasked] for run in range(runs)])
 
     def commit(self, block, pad) -> torch.Tensor:
         st = self.store

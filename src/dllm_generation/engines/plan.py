@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 
 class ForwardKind(str, Enum):
@@ -62,6 +63,32 @@ class ForwardPlan:
 
 # One denoising step: its forwards, in the order (kind, recall before compute) that traces use.
 StepPlan = tuple[ForwardPlan, ...]
+
+
+@dataclass(frozen=True)
+class Repeat:
+    """The decoder's leave to run a step again, unchanged, while `rules.step_repeats` holds.
+
+    It is given when nothing but the block's masks could change the next plan (no layer-reuse
+    schedule that would switch a layer between compute and recall), so an engine may chain the runs
+    on the device and the host reads once per chain instead of once per step. Each run unmasks at
+    least one slot of every row's sub-block, so a chain never runs more than a sub-block's size.
+    """
+
+    block_rows_wait: bool  # whole-block rows stay whole-block only while their sub-block's first slot is masked
+
+    def hold_first(self, plan: ForwardPlan) -> list[bool]:
+        """Per row of `plan`: does its kind depend on its sub-block's first slot staying masked?"""
+        return [plan.kind is ForwardKind.BLOCK and self.block_rows_wait] * len(plan.rows)
+
+
+@dataclass
+class StepRuns:
+    """What an engine reports for a step: how often it ran, and with `want_unmasked`, per run and
+    forward, the [R, sbs] mask of the slots it unmasked."""
+
+    runs: int
+    unmasked: list[list[Any]] | None = None
 
 
 def layer_actions(num_layers: int, targets: tuple[int, ...], computes: tuple[bool, ...]) -> tuple[LayerAction, ...]:

@@ -39,3 +39,19 @@ def unmask_confident(block: torch.Tensor, finished: torch.Tensor, rows: torch.Te
     stops = (unmask & (tokens[..., None] == stop_ids).any(dim=-1)).any(dim=-1)
     finished[rows] = finished[rows] | stops
     return unmask
+
+
+def step_repeats(block: torch.Tensor, rows: torch.Tensor, sub_starts: torch.Tensor, hold_first: torch.Tensor,
+                 *, small_block_size: int, mask_token_id: int) -> torch.Tensor:
+    """0-dim bool: would the decoder plan the step it just ran again, unchanged?
+
+    It would while every row of the step still has a masked slot in its sub-block (it stays in that
+    sub-block) and every row whose kind waits on its sub-block's first slot (`hold_first` [R]: a
+    whole-block forward with the block cache on, which turns into a sub-block forward once that slot
+    is unmasked) still has that slot masked. Rows outside the step keep their state, so their plans
+    do not change either.
+    """
+    slots = sub_starts[:, None] + torch.arange(small_block_size, device=sub_starts.device)
+    masked = block[rows[:, None], slots] == mask_token_id
+    stays = masked.any(dim=-1) & (masked[:, 0] | ~hold_first)
+    return stays.all()

@@ -26,7 +26,7 @@ class StaticStore:
         t_max = rows * block_size
         # Integer inputs of a pass, one buffer so that one copy fills them.
         self.layout = {"rows_T": t_max, "bslot_T": t_max, "rows_b": rows, "rows_s": rows, "rows_R": rows,
-                       "tok_start": rows, "sub_start": rows, "P": 1}
+                       "tok_start": rows, "sub_start": rows, "P": 1, "hold": rows, "runs": 1}
         size = sum(self.layout.values())
         self.meta = torch.zeros(size, dtype=torch.long, device=device)
         self.fields: dict[str, torch.Tensor] = {}
@@ -39,6 +39,9 @@ class StaticStore:
         self.finished = torch.zeros(rows, dtype=torch.bool, device=device)
         self.out_tok = torch.zeros(rows, dtype=torch.long, device=device)
         self.unmask = torch.zeros(rows, small_block_size, dtype=torch.bool, device=device)
+        # A repeated step (device loop): each run's unmasked slots, and whether to run again.
+        self.unmask_runs = torch.zeros(small_block_size, rows, small_block_size, dtype=torch.bool, device=device)
+        self.again = torch.zeros(1, dtype=torch.bool, device=device)
         self.ar_cap = torch.arange(capacity, device=device)
         self.ar_sub = torch.arange(small_block_size, device=device)
         self.stop_ids = torch.full((MAX_STOP_IDS,), -1, dtype=torch.long, device=device)

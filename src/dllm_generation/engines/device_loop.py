@@ -1,0 +1,177 @@
+"""A captured pass repeated on the GPU: a CUDA graph WHILE node around it.
+
+When the decoder allows a step to repeat (`plan.Repeat`), the pass itself computes whether it
+would be planned again (`rules.step_repeats`) into a one-element flag. A WHILE node runs the pass
+again while that flag holds, so the steps of a sub-block follow each other on the device: no
+device-to-host read, no planning and no launch between them.
+
+torch (2.11) does not expose conditional graph nodes, so the loop is assembled with NVIDIA's
+`cuda-bindings` (the `gpu` extra): an outer graph holds one WHILE node whose body is the captured
+pass, as a child graph, followed by a one-thread kernel that copies the flag into the loop's
+condition (`cudaGraphSetConditional`, compiled once per process with NVRTC). Whatever is missing
+(the package, NVRTC, a driver before CUDA 12.4) becomes a reason that `loop_support` returns, and
+the engine then repeats the step from the host.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import numpy as np
+import torch
+
+_KERNEL_NAME = "set_loop_condition"
+_KERNEL = """
+extern "C" __global__ void set_loop_condition(cudaGraphConditionalHandle handle, const bool* flag) {
+    cudaGraphSetConditional(handle, *flag ? 1u : 0u);
+}
+"""
+# NVRTC knows the device runtime's builtins once they are declared; the toolkit's header is the
+# fallback where that declaration is refused.
+_DECLARATION = """
+typedef unsigned long long cudaGraphConditionalHandle;
+extern "C" __device__ __attribute__((cudart_builtin)) void cudaGraphSetConditional(
+    cudaGraphConditionalHandle handle, unsigned int value);
+"""
+_HEADER = "#include <cuda_device_runtime_api.h>\n"
+
+
+def _check(result):
+    """cuda-bindings calls return (status, *values): raise on a failed status, return the values."""
+    status, *values = result
+    if int(status) != 0:
+        raise RuntimeError(getattr(status, "name", str(status)))
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def _toolkit_include_dirs() -> list[str]:
+    roots = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    dirs = [os.path.join(root, "include") for root in roots if root]
+    return [d for d in dirs if os.path.exists(os.path.join(d, "cuda_device_runtime_api.h"))]
+
+
+def _compile(nvrtc, arch: str) -> bytes:
+    """The condition kernel's cubin for `arch` (e.g. "sm_90")."""
+    failures = []
+    attempts = [(_DECLARATION + _KERNEL, [])]
+    includes = _toolkit_include_dirs()
+    if includes:
+        attempts.append((_HEADER + _KERNEL, [f"-I{d}" for d in includes]))
+    for source, extra in attempts:
+        program = _check(nvrtc.nvrtcCreateProgram(source.encode(), b"device_loop.cu", 0, [], []))
+        try:
+            options = [f"--gpu-architecture={arch}".encode(), b"-default-device"] + [o.encode() for o in extra]
+            status = nvrtc.nvrtcCompileProgram(program, len(options), options)[0]
+            if int(status) == 0:
+                size = _check(nvrtc.nvrtcGetCUBINSize(program))
+                cubin = b" " * size
+                _check(nvrtc.nvrtcGetCUBIN(program, cubin))
+                return cubin
+            size = _check(nvrtc.nvrtcGetProgramLogSize(program))
+            log = b" " * size
+            nvrtc.nvrtcGetProgramLog(program, log)
+            failures.append(log.decode(errors="replace").strip("\x00 \n").splitlines()[0:2])
+        finally:
+            nvrtc.nvrtcDestroyProgram(program)
+    raise RuntimeError(f"NVRTC could not compile the loop condition kernel: {failures}")
+
+
+@functools.lru_cache(maxsize=None)
+def _condition_kernel(device_index: int):
+    """(module, function) of the condition kernel on a device; raises with the reason."""
+    from cuda.bindings import driver, nvrtc
+
+    major, minor = torch.cuda.get_device_capability(device_index)
+    cubin = _compile(nvrtc, f"sm_{major}{minor}")
+    with torch.cuda.device(device_index):
+        module = _check(driver.cuModuleLoadData(cubin))
+        function = _check(driver.cuModuleGetFunction(module, _KERNEL_NAME.encode()))
+    return module, function
+
+
+@functools.lru_cache(maxsize=None)
+def loop_support(device_index: int) -> str | None:
+    """None when device loops work on this CUDA device; otherwise why not (logged by the engine)."""
+    if not hasattr(torch.cuda.CUDAGraph, "raw_cuda_graph"):
+        return f"torch {torch.__version__} cannot hand out a captured graph (CUDAGraph.raw_cuda_graph)"
+    try:
+        import cuda.bindings
+        from cuda.bindings import runtime
+    except ImportError as err:
+        return f"cuda-bindings is not installed (pip install 'dllm-generation[gpu]'): {err}"
+    if int(cuda.bindings.__version__.split(".")[0]) < 13:
+        return f"cuda-bindings {cuda.bindings.__version__} is older than 13"
+    version = _check(runtime.cudaDriverGetVersion())
+    if version < 12040:
+        return f"the CUDA driver ({version}) predates conditional graph nodes (12.4)"
+    try:
+        _condition_kernel(device_index)
+    except Exception as err:  # an optimisation: the reason is logged and the host repeats the step
+        return f"{type(err).__name__}: {str(err)[:300]}"
+    return None
+
+
+class DeviceLoop:
+    """`graph` (captured with keep_graph=True) repeated while `flag` [1] bool, which it writes, holds.
+    `launch` runs it at least once, on the current stream."""
+
+    def __init__(self, graph: torch.cuda.CUDAGraph, flag: torch.Tensor):
+        from cuda.bindings import driver, runtime
+
+        self._runtime = runtime
+        self._graph = graph  # the pass's memory pool lives as long as it does
+        self._flag = flag
+        self._outer = self._exec = None
+        _, function = _condition_kernel(flag.device.index)
+        try:
+            self._outer = _check(runtime.cudaGraphCreate(0))
+            # The condition starts at 1 on every launch: the first run needs no flag.
+            handle = _check(runtime.cudaGraphConditionalHandleCreate(
+                self._outer, 1, getattr(runtime, "cudaGraphCondAssignDefault", 1)))
+            params = runtime.cudaGraphNodeParams()
+            params.type = runtime.cudaGraphNodeType.cudaGraphNodeTypeConditional
+            params.conditional.handle = handle
+            params.conditional.type = runtime.cudaGraphConditionalNodeType.cudaGraphCondTypeWhile
+            params.conditional.size = 1
+            _check(runtime.cudaGraphAddNode(self._outer, None, None, 0, params))
+            body = params.conditional.phGraph_out[0]
+            child = _check(runtime.cudaGraphAddChildGraphNode(
+                body, None, 0, runtime.cudaGraph_t(init_value=graph.raw_cuda_graph())))
+            arguments = [np.array([int(handle)], dtype=np.uint64), np.array([flag.data_ptr()], dtype=np.uint64)]
+            self._argument_pointers = np.array([a.ctypes.data for a in arguments], dtype=np.uint64)
+            self._arguments = arguments
+            kernel = driver.CUDA_KERNEL_NODE_PARAMS()
+            kernel.func = function
+            kernel.gridDimX = kernel.gridDimY = kernel.gridDimZ = 1
+            kernel.blockDimX = kernel.blockDimY = kernel.blockDimZ = 1
+            kernel.sharedMemBytes = 0
+            kernel.kernelParams = self._argument_pointers.ctypes.data
+            _check(driver.cuGraphAddKernelNode(driver.CUgraph(int(body)), [driver.CUgraphNode(int(child))], 1, kernel))
+            self._exec = _check(runtime.cudaGraphInstantiate(self._outer, 0))
+        except Exception:
+            self.close(wait=False)
+            raise
+
+    def launch(self) -> None:
+        stream = torch.cuda.current_stream(self._flag.device).cuda_stream
+        _check(self._runtime.cudaGraphLaunch(self._exec, stream))
+
+    def close(self, *, wait: bool = True) -> None:
+        """Destroy the loop's graphs (after the device has finished any launch of them)."""
+        if wait and self._exec is not None:
+            torch.cuda.synchronize(self._flag.device)
+        if self._exec is not None:
+            self._runtime.cudaGraphExecDestroy(self._exec)
+            self._exec = None
+        if self._outer is not None:
+            self._runtime.cudaGraphDestroy(self._outer)
+            self._outer = None
+
+    def __del__(self):
+        try:
+            self.close(wait=False)
+        except Exception:  # interpreter shutdown: the driver may already be gone
+            pass
