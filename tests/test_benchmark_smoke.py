@@ -18,7 +18,7 @@ import torch
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
 # The grid the GPU measurements are run with; docs/benchmarks.md adds a time budget.
 GPU_COMMAND = ("--config fast_dllm_v2_7b/config.json --batch-sizes 1,32 --cache on --fast-path on,compile,off "
-               "--plain-grid baseline --workload both --k 1,2 --subsets first --short-warmup-batches 1 "
+               "--plain-grid baseline --workload both --k 1,2 --subsets first "
                "--json-out r.json").split()
 
 

@@ -87,6 +87,7 @@ def _condition_kernel(device_index: int):
     major, minor = torch.cuda.get_device_capability(device_index)
     cubin = _compile(nvrtc, f"sm_{major}{minor}")
     with torch.cuda.device(device_index):
+        torch.zeros(1, device=f"cuda:{device_index}")  # the driver calls need torch's context current
         module = _check(driver.cuModuleLoadData(cubin))
         function = _check(driver.cuModuleGetFunction(module, _KERNEL_NAME.encode()))
     return module, function

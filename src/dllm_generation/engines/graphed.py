@@ -253,6 +253,15 @@ class GraphedEngine(Engine):
         o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=self.scaling)
         return o.reshape(r, self.n_heads, n, self.head_dim).transpose(1, 2).reshape(r * n, self.n_heads * self.head_dim)
 
+    def _key_mask(self, pad: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
+        """[R, 1, 1, capacity] additive mask: 0 on each row's keys (after its padding, before
+        `limit`), -inf elsewhere. Made once per pass: given a boolean mask, SDPA would build this
+        same mask again in every layer (three more kernels per layer)."""
+        ar = self.store.ar_cap
+        allowed = (ar[None, :] >= pad[:, None]) & (ar[None, :] < limit)
+        mask = torch.zeros(allowed.shape, dtype=self.store.dtype, device=ar.device)
+        return mask.masked_fill_(~allowed, float("-inf"))[:, None, None, :]
+
     def _pass(self, key: PassKey) -> None:
         st, runner = self.store, self.runner
         bs, sbs = st.block_size, st.small_block_size
@@ -270,9 +279,8 @@ class GraphedEngine(Engine):
         cos, sin = cos[0], sin[0]
         limit = prefix + bs
         rows_b, rows_s = f["rows_b"][:rb], f["rows_s"][:rs]
-        ar = st.ar_cap
-        mask_b = ((ar[None, :] >= st.pad[rows_b][:, None]) & (ar[None, :] < limit))[:, None, None, :] if rb else None
-        mask_s = ((ar[None, :] >= st.pad[rows_s][:, None]) & (ar[None, :] < limit))[:, None, None, :] if rs else None
+        mask_b = self._key_mask(st.pad[rows_b], limit) if rb else None
+        mask_s = self._key_mask(st.pad[rows_s], limit) if rs else None
         rows_R = f["rows_R"][:n_rows]
         for i, layer in enumerate(runner.layers):
             action = key.actions[i]
