@@ -41,6 +41,26 @@ def test_k1_is_exactly_the_plain_decoder(tiny_model, subset, use_block_cache):
         assert s1["sub_block_forwards"] > 0
 
 
+def test_k1_stores_nothing(tiny_model):
+    """k=1 never recalls, so no forward keeps a layer's result for later (no copies into reuse entries)."""
+    runner = LayerStackRunner(tiny_model)
+    kw = dict(max_new_tokens=64, layer_reuse=LayerReuseConfig(k=1, subset="first", size=2), **BASE)
+    settings = resolve_settings(GenerationConfig(**kw), tiny_model.generation_config, tiny_model.config,
+                                num_layers=runner.num_layers)
+    decoder = BlockDiffusionDecoder(runner, settings)
+    plans = []
+    inner = decoder.engine.denoise
+
+    def recording_denoise(step, *args, **kwargs):
+        plans.extend(step)
+        return inner(step, *args, **kwargs)
+
+    decoder.engine.denoise = recording_denoise
+    decoder.decode(prompts_of(LENGTHS[:2]))
+    assert plans and not any(plan.stores or plan.recalls for plan in plans)
+    assert all(layer.reuse_output is None for layer in decoder.engine.cache.layers)
+
+
 class ExecutionCounter:
     """Counts calls of every decoder layer's attention and MLP modules via forward hooks."""
 

@@ -300,12 +300,14 @@ class BlockDiffusionDecoder:
         for r, key in decisions.items():
             groups[key].append(r)
         num_layers = self.runner.num_layers
+        # A schedule that always computes never recalls, so storing would be work for nothing.
+        stored = () if self.schedule is not None and self.schedule.always_computes else self.reuse_targets
         step = []
         for (kind, computes), rows in sorted(groups.items(), key=lambda item: (item[0][0].value, item[0][1])):
             step.append(ForwardPlan(kind=kind, rows=tuple(rows), subs=tuple(sub_idx[r] for r in rows),
-                                    actions=layer_actions(num_layers, self.reuse_targets, computes)))
+                                    actions=layer_actions(num_layers, stored, computes)))
             for r in rows:  # the entries this forward stores
-                for layer, compute in zip(self.reuse_targets, computes):
+                for layer, compute in zip(stored, computes):
                     if compute:
                         self.reuse_entries[r][layer] = spans[r]
         return tuple(step)
