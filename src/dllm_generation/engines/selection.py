@@ -2,10 +2,10 @@
 
 `fast_path` (a `GenerationConfig` field, validated with the others in `config.py`):
 
-* `None` / `True` (default): the graphed engine with CUDA graphs and `torch.compile` where it can
-  serve the call, else the eager engine, with the reason logged and reported in
-  `stats["fast_path"]`. Compiling takes ~10 s in a process's first call (a compile failure falls
-  back to uncompiled graphs, logged); `"graphs"` skips it;
+* `None` / `True` (default): the graphed engine with CUDA graphs where it can serve the call, else
+  the eager engine, with the reason logged and reported in `stats["fast_path"]`. It starts in
+  seconds and gives the eager engine's tokens; `"compile"` is faster once warm (docs/benchmarks.md)
+  but compiles for 10-30 s first;
 * `False`: the eager engine;
 * `"graphs"`, `"compile"`, `"uncaptured"`: the graphed engine (captured, captured with
   `torch.compile`, or its passes run without capture, on any device). An explicit request the
@@ -74,7 +74,7 @@ def select_engine(model, runner, settings, *, batch: int, capacity: int,
     if requested is False:
         return EagerEngine(runner, settings, generator=generator), "off (fast_path=False)"
     explicit = requested not in (None, True)
-    mode = FastPath(requested) if explicit else FastPath.COMPILE
+    mode = FastPath(requested) if explicit else FastPath.GRAPHS
     reason = unsupported_reason(runner, settings, mode)
     if reason is not None:
         if explicit:
