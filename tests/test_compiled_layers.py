@@ -40,6 +40,32 @@ def test_compiled_layer_functions_equal_the_eager_engine_in_float32(tiny_model):
         assert {k: g[k] for k in COUNTERS} == {k: w[k] for k in COUNTERS}
 
 
+@pytest.mark.slow
+def test_each_layer_function_compiles_once_for_every_pass_size(tiny_model):
+    """One compilation per layer function serves every pass size. The first pass here has as many
+    tokens as the model's hidden size (two whole-block rows of 32): with both sizes dynamic, torch's
+    duck sizing would give them one symbol, specialise it with the weights, and compile again for
+    the next pass size (about 10 s more per function on a GPU)."""
+    assert tiny_model.config.hidden_size == 2 * BASE["block_size"]
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    lengths = [40, 45]
+    prompts = prompts_of(lengths, seed=6)
+    kw = dict(max_new_tokens=48, use_block_cache=True, **BASE)
+    runner = LayerStackRunner(tiny_model)
+    settings = resolve_settings(GenerationConfig(**kw), tiny_model.generation_config, tiny_model.config,
+                                num_layers=runner.num_layers)
+    want = BlockDiffusionDecoder(runner, settings).decode(prompts)
+    engine = GraphedEngine(runner, settings, capture=False, compile_layers=True)
+    engine.bind(runner, settings)
+    engine.prepare(len(prompts), plan_layout(lengths, 32, 48).capacity_blocks * 32)
+    decoder = BlockDiffusionDecoder(runner, settings, engine=engine)
+    assert decoder.decode(prompts) == want
+    assert decoder.stats.block_forwards > 0 and decoder.stats.sub_block_forwards > 0  # 32 and 8 tokens
+    assert engine.compile_failure is None
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+
+
 def test_a_compile_failure_on_a_later_pass_shape_falls_back_to_the_plain_functions(tiny_model, caplog):
     """torch.compile recompiles the layer functions for a new pass shape (and can fail then, e.g. at
     its recompile limit): that pass and every later one run the plain functions, with the same tokens."""

@@ -168,8 +168,11 @@ class GraphedEngine(Engine):
 
     def _set_layer_functions(self, compiled: bool) -> None:
         if compiled:
-            self.pre = torch.compile(self.math.pre_attention, dynamic=True, fullgraph=True)
-            self.post = torch.compile(self.math.post_attention, dynamic=True, fullgraph=True)
+            # Only the token count varies between passes (`_tokens_vary` marks it). Compiling with
+            # every size dynamic would let torch's duck sizing tie a token count to an equal fixed
+            # size (the hidden size, the cache's capacity) and compile again at the next pass size.
+            self.pre = torch.compile(self.math.pre_attention, fullgraph=True)
+            self.post = torch.compile(self.math.post_attention, fullgraph=True)
         else:
             self.pre, self.post = self.math.pre_attention, self.math.post_attention
 
@@ -253,6 +256,12 @@ class GraphedEngine(Engine):
         o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=self.scaling)
         return o.reshape(r, self.n_heads, n, self.head_dim).transpose(1, 2).reshape(r * n, self.n_heads * self.head_dim)
 
+    def _tokens_vary(self, *tensors: torch.Tensor) -> None:
+        """Tell torch.compile that dimension 0 (the pass's token count) changes between passes."""
+        if self.compile_layers:
+            for tensor in tensors:
+                torch._dynamo.maybe_mark_dynamic(tensor, 0)
+
     def _key_mask(self, pad: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
         """[R, 1, 1, capacity] additive mask: 0 on each row's keys (after its padding, before
         `limit`), -inf elsewhere. Made once per pass: given a boolean mask, SDPA would build this
@@ -277,6 +286,7 @@ class GraphedEngine(Engine):
         x = runner.embed(tokens)
         cos, sin = runner.rotary(x[None], positions[None])
         cos, sin = cos[0], sin[0]
+        self._tokens_vary(cos, sin, rows_T, slot_T)
         limit = prefix + bs
         rows_b, rows_s = f["rows_b"][:rb], f["rows_s"][:rs]
         mask_b = self._key_mask(st.pad[rows_b], limit) if rb else None
@@ -292,6 +302,7 @@ class GraphedEngine(Engine):
                 x = out
                 continue
             x_in = x
+            self._tokens_vary(x)
             q = self.pre(layer, *self.qkv[i], x, cos, sin, st.keys[i], st.values[i], rows_T, slot_T)
             parts = []
             if rb:
@@ -301,6 +312,7 @@ class GraphedEngine(Engine):
                 parts.append(self._attend(q[tb:].view(rs, sbs, self.n_heads, self.head_dim), st.keys[i], st.values[i],
                                           rows_s, key.contiguous_s, mask_s))
             attended = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+            self._tokens_vary(attended)
             x = self.post(layer, x, attended)
             if action is LayerAction.STORE:
                 entry = st.reuse[i]
