@@ -106,6 +106,10 @@ class BlockDiffusionDecoder:
         self.reuse_targets = tuple(settings.reuse_layers) if settings.layer_reuse is not None else ()
         self.schedule = (ReuseSchedule(settings.layer_reuse, settings.small_block_size, len(self.reuse_targets),
                                        runner.device) if settings.layer_reuse is not None else None)
+        if self.schedule is not None and self.schedule.always_computes:
+            # k=1: every step computes every layer and nothing is ever recalled, which is exactly
+            # no reuse; so it decodes as no reuse (no decisions to compute, no results to store).
+            self.reuse_targets, self.schedule = (), None
         # What each row's reuse entries hold, per target layer: (sub-block serial, first slot, end
         # slot). Known from the plans (the engines store exactly what was planned), so deciding
         # whether a recall is possible needs no read from the device.
@@ -274,22 +278,20 @@ class BlockDiffusionDecoder:
             step = self._plan_step(decisions, sub_idx, spans)
             result = self.engine.denoise(step, block, pad, finished, want_unmasked=self.trace is not None,
                                          repeat=self._repeat())
-            for run in range(result.runs):
+            for run in range(result.runs):  # a step runs more than once only without a reuse schedule
                 if self.trace is not None:
                     self._record(step, result.unmasked[run], block_serial, row_ids)
                 self._count_step(step)
-                if reuse_state is not None:
-                    ReuseSchedule.record(reuse_state, planned, masked_now, active)
+            if reuse_state is not None:
+                ReuseSchedule.record(reuse_state, planned, masked_now, active)
             for r, (kind, _) in decisions.items():
                 if kind is ForwardKind.BLOCK:
                     ready[r] = True
 
     def _repeat(self) -> Repeat | None:
         """Leave to repeat a step unchanged while `rules.step_repeats` holds: the next plan then
-        depends only on the block's masks, unless a reuse schedule may switch a layer to recall.
-        A schedule that always computes repeats too: per run it records the chain's first masked
-        count, which only the drift policy reads, and that policy never repeats."""
-        if self.schedule is not None and not self.schedule.always_computes:
+        depends only on the block's masks, unless a reuse schedule may switch a layer to recall."""
+        if self.schedule is not None:
             return None
         return Repeat(block_rows_wait=self.settings.use_block_cache)
 
@@ -300,14 +302,12 @@ class BlockDiffusionDecoder:
         for r, key in decisions.items():
             groups[key].append(r)
         num_layers = self.runner.num_layers
-        # A schedule that always computes never recalls, so storing would be work for nothing.
-        stored = () if self.schedule is not None and self.schedule.always_computes else self.reuse_targets
         step = []
         for (kind, computes), rows in sorted(groups.items(), key=lambda item: (item[0][0].value, item[0][1])):
             step.append(ForwardPlan(kind=kind, rows=tuple(rows), subs=tuple(sub_idx[r] for r in rows),
-                                    actions=layer_actions(num_layers, stored, computes)))
+                                    actions=layer_actions(num_layers, self.reuse_targets, computes)))
             for r in rows:  # the entries this forward stores
-                for layer, compute in zip(stored, computes):
+                for layer, compute in zip(self.reuse_targets, computes):
                     if compute:
                         self.reuse_entries[r][layer] = spans[r]
         return tuple(step)
