@@ -19,7 +19,12 @@ the same modules, but:
 * **CUDA graphs**: each pass shape is captured once (after one uncaptured run that does the real
   work) and replayed; token choice and the unmask rule (`rules.py`, the eager engine's own) are
   part of the graph, so a step costs one small host->device copy, one replay and the copies back;
-* optionally (`fast_path="compile"`) `torch.compile` fuses each layer's element-wise work.
+* **repeated steps on the device**: a step the decoder allows to repeat (`plan.Repeat`) computes
+  in its own graph whether it would be planned again, and a CUDA graph WHILE node
+  (`device_loop.py`) runs it again while so: a sub-block's steps follow each other without the
+  host, which reads once per chain;
+* by default (`fast_path="compile"`, or `None`) `torch.compile` fuses each layer's element-wise
+  work; `fast_path="graphs"` runs the same passes uncompiled.
 
 In float32 on the CPU (`fast_path="uncaptured"`: the same passes without graphs) it reproduces
 the eager engine token for token, with identical counters and traces.
@@ -351,6 +356,8 @@ class GraphedEngine(Engine):
             return
         # First time: the uncaptured run does the real work (it is also the warm-up the capture needs).
         if self.compile_layers and self.compile_failure is None:
+            if not self.graphs and self.uncaptured_passes == 0:
+                logger.info("graphed engine: compiling the layer functions (about 10 s, once per process)")
             try:
                 self._pass(key)  # compiles the layer functions, or recompiles them for a new shape
             except Exception as err:  # compiling is an optimisation: fall back to the plain functions
