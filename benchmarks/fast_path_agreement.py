@@ -1,4 +1,5 @@
 """Agreement of every graphed-engine mode with the eager engine, in float32 and bf16 (needs CUDA).
+Each cell names how many device loops (steps repeated on the GPU) its decode launched.
 
 A 4-layer model of the hub config's width with peaky random weights, batch 1 and 8, block cache off
 and on, no layer reuse and three reuse policies. In float32 every mode must give the eager engine's
@@ -30,12 +31,15 @@ for dtype in ("float32", "bfloat16"):
         ids, mask = T.make_prompts(args, batch, vocab_high, seed_offset=7)
         for cache in (False, True):
             for label, reuse in REUSE.items():
-                outs = {}
+                outs, loops = {}, {}
                 for path in ("off", "uncaptured", "graphs", "compile"):
                     try:
                         seq, stats, _ = T.run_one(model, args, ids, mask, cache=cache, reuse=reuse, path=path,
                                                   new_tokens=64)
                         outs[path] = (seq, {k: stats[k] for k in COUNTERS})
+                        described = stats.get("fast_path")
+                        if isinstance(described, dict):  # steps repeated on the GPU (device loops) in this decode
+                            loops[path] = described.get("device_loop_launches", 0)
                     except Exception as err:
                         print("FAIL", dtype, batch, cache, label, path, type(err).__name__, str(err)[:200], flush=True)
                         float32_failures += dtype == "float32"
@@ -46,7 +50,8 @@ for dtype in ("float32", "bfloat16"):
                         continue
                     agree = T.agreement(seq, ref_seq)["token_agreement"]
                     same = counts == ref_counts
-                    cells.append(f"{path} {agree:.3f}{'' if same else ' (counters differ)'}")
+                    looped = f" [{loops[path]} device loops]" if loops.get(path) else ""
+                    cells.append(f"{path} {agree:.3f}{looped}{'' if same else ' (counters differ)'}")
                     if dtype == "float32" and (agree != 1.0 or not same):
                         float32_failures += 1
                 print(f"{dtype} b{batch} cache={'on' if cache else 'off'} {label}: " + ", ".join(cells), flush=True)

@@ -17,7 +17,7 @@ import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
 # The grid the GPU measurements are run with; docs/benchmarks.md adds a time budget.
-GPU_COMMAND = ("--config fast_dllm_v2_7b/config.json --batch-sizes 1,32 --cache on --fast-path on,compile,off "
+GPU_COMMAND = ("--config fast_dllm_v2_7b/config.json --batch-sizes 1,32 --cache on --fast-path on,graphs,off "
                "--plain-grid baseline --workload both --k 1,2 --subsets first "
                "--json-out r.json").split()
 
@@ -117,7 +117,7 @@ def _documented_two_workload_command() -> list[str]:
 def test_the_gpu_command_parses_to_the_intended_grid(bench, argv):
     args = bench.parse_args(argv)
     assert [label for label, _ in args.reuse_grid] == ["none", "k1-first", "k2-first"]
-    assert (args.workload, args.ar, args.fast_path, args.plain_grid) == ("both", "static", "on,compile,off", "baseline")
+    assert (args.workload, args.ar, args.fast_path, args.plain_grid) == ("both", "static", "on,graphs,off", "baseline")
     assert args.target_tpf == 2.5 and not args.no_floor and args.reference is None
 
 

@@ -105,10 +105,10 @@ def loop_support(device_index: int) -> str | None:
         return f"cuda-bindings is not installed (pip install 'dllm-generation[gpu]'): {err}"
     if int(cuda.bindings.__version__.split(".")[0]) < 13:
         return f"cuda-bindings {cuda.bindings.__version__} is older than 13"
-    version = _check(runtime.cudaDriverGetVersion())
-    if version < 12040:
-        return f"the CUDA driver ({version}) predates conditional graph nodes (12.4)"
     try:
+        version = _check(runtime.cudaDriverGetVersion())
+        if version < 12040:
+            return f"the CUDA driver ({version}) predates conditional graph nodes (12.4)"
         _condition_kernel(device_index)
     except Exception as err:  # an optimisation: the reason is logged and the host repeats the step
         return f"{type(err).__name__}: {str(err)[:300]}"

@@ -1,0 +1,105 @@
+"""Repeated steps (plan.Repeat) through the graphed engine's device-loop path, on the CPU.
+
+A device loop (engines/device_loop.py) is a CUDA graph WHILE node: it runs the captured pass, then
+again while the flag the pass wrote holds. Here a stand-in with exactly those semantics runs the
+uncaptured pass, so the engine's side of it (the run count read back from the device, each run's
+unmasked slots for the trace) is checked against the eager engine; the real node is checked in
+float32 on a GPU by benchmarks/fast_path_agreement.py. Where loops cannot be built, the engine
+logs why once and repeats steps from the host.
+"""
+
+from __future__ import annotations
+
+import pytest
+from test_fast_path import BASE, COUNTERS, _decode, prompts_of
+
+from dllm_generation.engines import graphed, release
+from dllm_generation.engines.device_loop import loop_support
+
+
+class HostWhileLoop:
+    """The WHILE node's semantics: run the pass, then again while the pass's flag holds."""
+
+    def __init__(self, engine, key):
+        self.engine, self.key, self.launches = engine, key, 0
+
+    def launch(self):
+        self.launches += 1
+        self.engine._pass(self.key)
+        while bool(self.engine.store.again):
+            self.engine._pass(self.key)
+
+    def close(self, wait=True):
+        pass
+
+
+class NoReplay:
+    def replay(self):
+        raise AssertionError("a repeatable pass must go through its loop")
+
+
+class PassAsGraph:
+    """A captured pass's replay semantics: run the pass again."""
+
+    def __init__(self, engine, key):
+        self.engine, self.key = engine, key
+
+    def replay(self):
+        self.engine._pass(self.key)
+
+
+@pytest.fixture
+def host_loops(monkeypatch, tiny_model):
+    release(tiny_model)  # a fresh engine: no loops from earlier tests
+    loops = []
+
+    def add_loop(self, key):
+        if key not in self.loops:
+            self.loops[key] = HostWhileLoop(self, key)
+            self.graphs[key] = NoReplay()
+            loops.append(self.loops[key])
+
+    monkeypatch.setattr(graphed.GraphedEngine, "_add_loop", add_loop)
+    yield loops
+    release(tiny_model)
+
+
+@pytest.mark.parametrize("use_block_cache", [True, False])
+def test_device_loop_path_gives_the_eager_tokens_counters_and_trace(tiny_model, host_loops, use_block_cache):
+    prompts = prompts_of([5, 40, 64], seed=8)
+    cfg = dict(max_new_tokens=64, use_block_cache=use_block_cache, **BASE)
+    (out_e, dec_e), (out_g, dec_g) = (_decode(tiny_model, prompts, mode, cfg) for mode in (False, "uncaptured"))
+    assert out_g == out_e and dec_g.trace == dec_e.trace
+    got, want = dec_g.stats.as_dict(), dec_e.stats.as_dict()
+    assert {k: got[k] for k in COUNTERS} == {k: want[k] for k in COUNTERS}
+    described = dec_g.engine.describe()
+    assert described["device_loop_launches"] == sum(loop.launches for loop in host_loops) > 0
+    assert 0 < described["repeated_runs"] < got["denoising_steps"]
+
+
+def test_without_device_loops_the_engine_says_why_once_and_repeats_from_the_host(tiny_model, monkeypatch, caplog):
+    reason = "conditional graph nodes unavailable (simulated)"
+    release(tiny_model)
+    monkeypatch.setattr(graphed, "loop_support", lambda device_index: reason)
+    prompts = prompts_of([5, 40], seed=3)
+    cfg = dict(max_new_tokens=48, **BASE)
+    want, _ = _decode(tiny_model, prompts, False, cfg)
+    real_run = graphed.GraphedEngine._run
+
+    def run_and_pretend_captured(self, key):  # the loop is built only for a captured pass
+        real_run(self, key)
+        if key.repeat:
+            self.graphs.setdefault(key, PassAsGraph(self, key))
+
+    monkeypatch.setattr(graphed.GraphedEngine, "_run", run_and_pretend_captured)
+    with caplog.at_level("WARNING", logger="dllm_generation.engines.graphed"):
+        got, decoder = _decode(tiny_model, prompts, "uncaptured", cfg)
+    assert got == want
+    assert decoder.engine.loop_failure == reason and not decoder.engine.loops
+    assert caplog.text.count("device loops unavailable") == 1 and reason in caplog.text
+
+
+def test_loop_support_gives_a_one_line_reason_where_loops_cannot_run():
+    """This CPU-only test machine has no CUDA device (and no cuda-bindings): a reason, not an error."""
+    reason = loop_support(0)
+    assert isinstance(reason, str) and reason and "\n" not in reason
