@@ -93,9 +93,20 @@ def _condition_kernel(device_index: int):
     return module, function
 
 
+def _device_index(device: torch.device) -> int:
+    """The CUDA device's index ("cuda" alone means the current device)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def loop_support(device: torch.device) -> str | None:
+    """None when device loops work on `device`; otherwise why not (logged by the engine)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return f"device loops need a CUDA device (got {device})"
+    return _loop_support(_device_index(device))
+
+
 @functools.lru_cache(maxsize=None)
-def loop_support(device_index: int) -> str | None:
-    """None when device loops work on this CUDA device; otherwise why not (logged by the engine)."""
+def _loop_support(device_index: int) -> str | None:
     if not hasattr(torch.cuda.CUDAGraph, "raw_cuda_graph"):
         return f"torch {torch.__version__} cannot hand out a captured graph (CUDAGraph.raw_cuda_graph)"
     try:
@@ -126,7 +137,7 @@ class DeviceLoop:
         self._graph = graph  # the pass's memory pool lives as long as it does
         self._flag = flag
         self._outer = self._exec = None
-        _, function = _condition_kernel(flag.device.index)
+        _, function = _condition_kernel(_device_index(flag.device))
         try:
             self._outer = _check(runtime.cudaGraphCreate(0))
             # The condition starts at 1 on every launch: the first run needs no flag.

@@ -431,7 +431,7 @@ class GraphedEngine(Engine):
         graph = self.graphs.get(key)
         if graph is None or self.loop_failure is not None:
             return
-        reason = loop_support(self.store.device.index or 0)
+        reason = loop_support(self.store.device)
         if reason is None:
             try:
                 self.loops[key] = DeviceLoop(graph, self.store.again)
