@@ -240,6 +240,14 @@ class LayerReuseConfig:
         return tuple(range(start, start + n))
 
     @property
+    def always_computes(self) -> bool:
+        """Every step computes every target layer (fixed k=1, or per_layer with every period 1):
+        nothing is ever recalled, which is exactly no reuse."""
+        if self.policy == "per_layer":
+            return all(period == 1 for period in self.layer_k)
+        return self.policy == "fixed" and self.k == 1
+
+    @property
     def label(self) -> str:
         """A short, filesystem-safe name, e.g. `k2-first12-output` (a share: `k2-first0.429-output`)."""
         where = f"{self.subset}{size_label(self.size)}" if self.layers is None else "layers" + "_".join(map(str, self.layers))
@@ -295,6 +303,14 @@ class DiffusionSettings:
     @property
     def sub_blocks_per_block(self) -> int:
         return self.block_size // self.small_block_size
+
+    @property
+    def recalling_layers(self) -> tuple[int, ...]:
+        """The reuse target layers where reuse can recall; () without reuse or with a schedule that
+        always computes (k=1), which decodes exactly as no reuse: nothing to decide or store."""
+        if self.layer_reuse is None or self.layer_reuse.always_computes:
+            return ()
+        return tuple(self.reuse_layers)
 
 
 def _first_set(*values):

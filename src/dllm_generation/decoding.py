@@ -103,13 +103,12 @@ class BlockDiffusionDecoder:
         self.on_block = on_block
         self.stats = DecodeStats(layer_runs=[0] * runner.num_layers, layer_skips=[0] * runner.num_layers)
         # Target layers in layer order; a row's per-layer decisions are tuples aligned with them.
-        self.reuse_targets = tuple(settings.reuse_layers) if settings.layer_reuse is not None else ()
+        # k=1 has none: it never recalls, so it decodes exactly as no reuse.
+        self.reuse_targets = settings.recalling_layers
         self.schedule = (ReuseSchedule(settings.layer_reuse, settings.small_block_size, len(self.reuse_targets),
-                                       runner.device) if settings.layer_reuse is not None else None)
-        if self.schedule is not None and self.schedule.always_computes:
-            # k=1: every step computes every layer and nothing is ever recalled, which is exactly
-            # no reuse; so it decodes as no reuse (no decisions to compute, no results to store).
-            self.reuse_targets, self.schedule = (), None
+                                       runner.device) if self.reuse_targets else None)
+        # Without a schedule nothing but the block's masks changes a plan, so a step may repeat.
+        self.repeat = Repeat(block_rows_wait=settings.use_block_cache) if self.schedule is None else None
         # What each row's reuse entries hold, per target layer: (sub-block serial, first slot, end
         # slot). Known from the plans (the engines store exactly what was planned), so deciding
         # whether a recall is possible needs no read from the device.
@@ -277,7 +276,7 @@ class BlockDiffusionDecoder:
                     planned = torch.tensor(final, dtype=torch.bool, device=block.device)
             step = self._plan_step(decisions, sub_idx, spans)
             result = self.engine.denoise(step, block, pad, finished, want_unmasked=self.trace is not None,
-                                         repeat=self._repeat())
+                                         repeat=self.repeat)
             for run in range(result.runs):  # a step runs more than once only without a reuse schedule
                 if self.trace is not None:
                     self._record(step, result.unmasked[run], block_serial, row_ids)
@@ -287,13 +286,6 @@ class BlockDiffusionDecoder:
             for r, (kind, _) in decisions.items():
                 if kind is ForwardKind.BLOCK:
                     ready[r] = True
-
-    def _repeat(self) -> Repeat | None:
-        """Leave to repeat a step unchanged while `rules.step_repeats` holds: the next plan then
-        depends only on the block's masks, unless a reuse schedule may switch a layer to recall."""
-        if self.schedule is not None:
-            return None
-        return Repeat(block_rows_wait=self.settings.use_block_cache)
 
     def _plan_step(self, decisions, sub_idx, spans) -> StepPlan:
         """Group rows by (kind, per-layer decisions): one `ForwardPlan` each, recalls first; note the

@@ -47,8 +47,6 @@ class ReuseSchedule:
         self.config = config
         self.num_targets = num_targets
         periods = config.layer_k if config.policy == "per_layer" else [config.k] * num_targets
-        # Every step computes every target layer (period 1): the plans never switch to recall.
-        self.always_computes = config.policy != "unmask_drift" and all(int(p) == 1 for p in periods)
         self.periods = torch.tensor(periods, dtype=torch.long, device=device)
         if config.policy == "unmask_drift":
             # share = unmasked / small_block_size > tolerance, as the smallest integer count that

@@ -84,4 +84,3 @@ class Engine:
         engine may run it again while `rules.step_repeats` holds. With `want_unmasked`, the result
         keeps each run's masks of the slots it unmasked (for traces)."""
         raise NotImplementedError
-

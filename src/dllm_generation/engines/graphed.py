@@ -202,11 +202,15 @@ class GraphedEngine(Engine):
                             self.loop_launches, self.repeated_runs)
 
     def reset(self) -> None:
+        self._drop_graphs()
+        self.store = None
+
+    def _drop_graphs(self, *, wait: bool = True) -> None:
+        """Free every captured graph, its device loop and the graphs' memory pool."""
         for loop in self.loops.values():
-            loop.close()
+            loop.close(wait=wait)
         self.loops.clear()
         self.graphs.clear()
-        self.store = None
         self.pool = None
 
     def prepare(self, batch: int, capacity: int) -> None:
@@ -227,7 +231,7 @@ class GraphedEngine(Engine):
 
     def start(self, batch: int, capacity: int) -> None:
         self.prepare(batch, capacity)
-        reuse_layers = tuple(self.settings.reuse_layers) if self.settings.layer_reuse is not None else ()
+        reuse_layers = self.settings.recalling_layers
         self.cache = StaticBlockDiffusionCache(self.store, self.runner.num_layers, batch, capacity,
                                                self.settings.block_size, reuse_layers)
         self.store.set_stop_ids(tuple(self.settings.eos_token_ids))
@@ -388,11 +392,7 @@ class GraphedEngine(Engine):
         except torch.OutOfMemoryError as err:
             # Give back everything captured so far, then keep decoding uncaptured.
             self.graph_failure = f"out of memory while capturing: {str(err)[:300]}"
-            for loop in self.loops.values():
-                loop.close(wait=False)
-            self.loops.clear()
-            self.graphs.clear()
-            self.pool = None
+            self._drop_graphs(wait=False)
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
             logger.warning("graphed engine: %s; graphs freed, continuing without them", self.graph_failure)
