@@ -15,6 +15,20 @@ from dllm_generation.runner import LayerStackRunner
 from test_fast_path import BASE, COUNTERS, prompts_of
 
 
+def _plain_decode_and_engine(model, lengths, seed, *, compile_layers, **settings_kw):
+    """The prompts, the eager engine's tokens for them, and a graphed engine (uncaptured) ready for them."""
+    prompts = prompts_of(lengths, seed=seed)
+    kw = dict(max_new_tokens=48, use_block_cache=True, **settings_kw, **BASE)
+    runner = LayerStackRunner(model)
+    settings = resolve_settings(GenerationConfig(**kw), model.generation_config, model.config,
+                                num_layers=runner.num_layers)
+    want = BlockDiffusionDecoder(runner, settings).decode(prompts)
+    engine = GraphedEngine(runner, settings, capture=False, compile_layers=compile_layers)
+    engine.bind(runner, settings)
+    engine.prepare(len(prompts), plan_layout(lengths, 32, 48).capacity_blocks * 32)
+    return runner, settings, prompts, want, engine
+
+
 @pytest.mark.slow
 def test_compiled_layer_functions_equal_the_eager_engine_in_float32(tiny_model):
     torch._dynamo.reset()
@@ -49,16 +63,7 @@ def test_each_layer_function_compiles_once_for_every_pass_size(tiny_model):
     assert tiny_model.config.hidden_size == 2 * BASE["block_size"]
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    lengths = [40, 45]
-    prompts = prompts_of(lengths, seed=6)
-    kw = dict(max_new_tokens=48, use_block_cache=True, **BASE)
-    runner = LayerStackRunner(tiny_model)
-    settings = resolve_settings(GenerationConfig(**kw), tiny_model.generation_config, tiny_model.config,
-                                num_layers=runner.num_layers)
-    want = BlockDiffusionDecoder(runner, settings).decode(prompts)
-    engine = GraphedEngine(runner, settings, capture=False, compile_layers=True)
-    engine.bind(runner, settings)
-    engine.prepare(len(prompts), plan_layout(lengths, 32, 48).capacity_blocks * 32)
+    runner, settings, prompts, want, engine = _plain_decode_and_engine(tiny_model, [40, 45], 6, compile_layers=True)
     decoder = BlockDiffusionDecoder(runner, settings, engine=engine)
     assert decoder.decode(prompts) == want
     assert decoder.stats.block_forwards > 0 and decoder.stats.sub_block_forwards > 0  # 32 and 8 tokens
@@ -69,15 +74,7 @@ def test_each_layer_function_compiles_once_for_every_pass_size(tiny_model):
 def test_a_compile_failure_on_a_later_pass_shape_falls_back_to_the_plain_functions(tiny_model, caplog):
     """torch.compile recompiles the layer functions for a new pass shape (and can fail then, e.g. at
     its recompile limit): that pass and every later one run the plain functions, with the same tokens."""
-    prompts = prompts_of([5, 40], seed=9)
-    kw = dict(max_new_tokens=48, use_block_cache=True, **BASE)
-    runner = LayerStackRunner(tiny_model)
-    settings = resolve_settings(GenerationConfig(**kw), tiny_model.generation_config, tiny_model.config,
-                                num_layers=runner.num_layers)
-    want = BlockDiffusionDecoder(runner, settings).decode(prompts)
-    engine = GraphedEngine(runner, settings, capture=False, compile_layers=False)
-    engine.bind(runner, settings)
-    engine.prepare(len(prompts), plan_layout([5, 40], 32, 48).capacity_blocks * 32)
+    runner, settings, prompts, want, engine = _plain_decode_and_engine(tiny_model, [5, 40], 9, compile_layers=False)
     engine.compile_layers = True  # stands in for compiled functions that fail on their second shape
     plain_pre, shapes = engine.math.pre_attention, []
 
