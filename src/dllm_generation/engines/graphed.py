@@ -9,7 +9,8 @@ the same modules, but:
   graph stays valid for every later step and every later `generate` call of the same shape;
 * **one pass per step and layer actions**: the rows of a step's whole-block forward and of its
   sub-block forward are packed into one token batch for every matrix product (one read of the
-  weights); attention runs per group. Its packed attention is this engine's own code; everything
+  weights), and one attention call covers both kinds of rows, over the cache in place (no row's
+  keys are gathered). Its packed attention is this engine's own code; everything
   else is the model's modules (`input_layernorm`, `o_proj`, `post_attention_layernorm`, `mlp`)
   and transformers' `apply_rotary_pos_emb`, except that q/k/v run as one matrix product over the
   projections' shared storage (`qkv.py`: measured 0.36-0.43 ms less per 7B forward on an H200
@@ -68,8 +69,8 @@ class PassKey:
     actions: tuple[LayerAction, ...]  # per layer
     residual: bool
     commit: bool  # a block commit: greedy next token from the last slot; otherwise a denoising step
-    contiguous_b: bool  # block rows are 0..rb-1 (attend to a slice, no gather)
-    contiguous_s: bool
+    span: int  # batch rows 0..span-1 attend (rows not in the pass attend too, and are ignored)
+    ordered: bool  # the pass's tokens are rows 0..span-1 in order, one kind: attention needs no scatter
     threshold: float
     mask_id: int
     repeat: bool  # a step that may repeat: the pass counts its runs and computes whether to run again
@@ -252,18 +253,29 @@ class GraphedEngine(Engine):
         return "compile" if self.compile_layers else ("graphs" if self.capture else "uncaptured")
 
     # -- one pass (the graphed region) -------------------------------------------------------
-    def _attend(self, q, keys, values, rows, contiguous: bool, mask):
-        r, n = q.shape[0], q.shape[1]
-        if contiguous:
-            k, v = keys[:r], values[:r]
+    def _attend(self, q, queries, keys, values, rows_T, qslot_T, mask, ordered: bool):
+        """Attention of every row of the pass in one call, over the cache rows 0..span-1 in place.
+
+        Queries take the layout [span, heads, qlen, head_dim]: whole-block rows fill their 32 slots,
+        sub-block rows the slots of their sub-block (a pass without whole-block rows has qlen = one
+        sub-block). If the pass's tokens are already in that order this is a transpose; otherwise they
+        are scattered into `queries` at (row, slot), and rows without tokens attend with zero
+        queries whose outputs nobody reads. Either way no row's keys are gathered, and a pass that
+        mixes whole-block and sub-block rows is one attention, not two. Grouped-query attention
+        without repeating K/V: the query heads sharing a KV head are extra query rows of that head.
+        """
+        span, qlen = queries.shape[0], queries.shape[2]
+        group_rows = (self.n_heads // self.n_kv) * qlen
+        if ordered:
+            grouped = q.view(span, qlen, self.n_heads, self.head_dim).transpose(1, 2)
+            grouped = grouped.reshape(span, self.n_kv, group_rows, self.head_dim)
         else:
-            k, v = keys.index_select(0, rows), values.index_select(0, rows)
-        group = self.n_heads // self.n_kv
-        # Grouped-query attention without repeating K/V: the `group` query heads that share a KV
-        # head become extra query rows of that head (the mask is the same for all of them).
-        qg = q.transpose(1, 2).reshape(r, self.n_kv, group * n, self.head_dim)
-        o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=self.scaling)
-        return o.reshape(r, self.n_heads, n, self.head_dim).transpose(1, 2).reshape(r * n, self.n_heads * self.head_dim)
+            queries[rows_T, :, qslot_T] = q
+            grouped = queries.view(span, self.n_kv, group_rows, self.head_dim)
+        o = F.scaled_dot_product_attention(grouped, keys[:span], values[:span], attn_mask=mask, scale=self.scaling)
+        o = o.view(span, self.n_heads, qlen, self.head_dim)
+        o = o.transpose(1, 2) if ordered else o[rows_T, :, qslot_T]
+        return o.reshape(-1, self.n_heads * self.head_dim)
 
     def _tokens_vary(self, *tensors: torch.Tensor) -> None:
         """Tell torch.compile that dimension 0 (the pass's token count) changes between passes."""
@@ -296,10 +308,11 @@ class GraphedEngine(Engine):
         cos, sin = runner.rotary(x[None], positions[None])
         cos, sin = cos[0], sin[0]
         self._tokens_vary(cos, sin, rows_T, slot_T)
-        limit = prefix + bs
-        rows_b, rows_s = f["rows_b"][:rb], f["rows_s"][:rs]
-        mask_b = self._key_mask(st.pad[rows_b], limit) if rb else None
-        mask_s = self._key_mask(st.pad[rows_s], limit) if rs else None
+        mask = self._key_mask(st.pad[: key.span], prefix + bs)
+        qslot_T = f["qslot_T"][:n_tok]
+        qlen = bs if rb else sbs
+        queries = (torch.empty if key.ordered else torch.zeros)(key.span, self.n_heads, qlen, self.head_dim,
+                                                                 dtype=x.dtype, device=x.device)
         rows_R = f["rows_R"][:n_rows]
         for i, layer in enumerate(runner.layers):
             action = key.actions[i]
@@ -313,14 +326,7 @@ class GraphedEngine(Engine):
             x_in = x
             self._tokens_vary(x)
             q = self.pre(layer, *self.qkv[i], x, cos, sin, st.keys[i], st.values[i], rows_T, slot_T)
-            parts = []
-            if rb:
-                parts.append(self._attend(q[:tb].view(rb, bs, self.n_heads, self.head_dim), st.keys[i], st.values[i],
-                                          rows_b, key.contiguous_b, mask_b))
-            if rs:
-                parts.append(self._attend(q[tb:].view(rs, sbs, self.n_heads, self.head_dim), st.keys[i], st.values[i],
-                                          rows_s, key.contiguous_s, mask_s))
-            attended = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+            attended = self._attend(q, queries, st.keys[i], st.values[i], rows_T, qslot_T, mask, key.ordered)
             self._tokens_vary(attended)
             x = self.post(layer, x, attended)
             if action is LayerAction.STORE:
@@ -442,10 +448,10 @@ class GraphedEngine(Engine):
         logger.warning("graphed engine: device loops unavailable, repeating steps from the host: %s", reason)
 
     # -- the decoder's requests ------------------------------------------------------------------
-    def _key(self, rb, rs, actions, commit, contiguous_b, contiguous_s, repeat=False) -> PassKey:
+    def _key(self, rb, rs, actions, commit, span, ordered, repeat=False) -> PassKey:
         s = self.settings
         residual = self.residual_reuse and any(action is not LayerAction.RUN for action in actions)
-        return PassKey(rb, rs, actions, residual, commit, contiguous_b, contiguous_s, float(s.threshold),
+        return PassKey(rb, rs, actions, residual, commit, span, ordered, float(s.threshold),
                        int(s.mask_token_id), repeat)
 
     def _load_state(self, block, pad, finished) -> None:
@@ -481,15 +487,18 @@ class GraphedEngine(Engine):
             rows_T = np.concatenate([np.repeat(rows_np[:rb], bs), np.repeat(rows_np[rb:], sbs)])
             bslot_T = np.concatenate([np.tile(np.arange(bs, dtype=np.int64), rb),
                                       (tok_start[rb:, None] + np.arange(sbs, dtype=np.int64)).reshape(-1)])
-            values = {"rows_T": rows_T, "bslot_T": bslot_T, "rows_b": rows_np[:rb], "rows_s": rows_np[rb:],
+            # Each token's slot among its row's queries: its block slot, or without whole-block rows
+            # its slot in the sub-block.
+            qslot_T = bslot_T if rb else np.tile(np.arange(sbs, dtype=np.int64), rs)
+            values = {"rows_T": rows_T, "bslot_T": bslot_T, "qslot_T": qslot_T,
                       "rows_R": rows_np, "sub_start": sub_start, "tok_start": tok_start,
                       "P": np.asarray([self.cache.prefix_len], dtype=np.int64)}
             if repeats:
                 values["hold"] = np.asarray([h for p in plans for h in repeat.hold_first(p)], dtype=np.int64)
                 values["runs"] = np.zeros(1, dtype=np.int64)
             st.upload(values)
-            key = self._key(rb, rs, actions, False, rb_rows == list(range(rb)), rb == 0 and rs_rows == list(range(rs)),
-                            repeats)
+            ordered = (rb == 0 or rs == 0) and rows_np.tolist() == list(range(n_rows))
+            key = self._key(rb, rs, actions, False, n_rows, ordered, repeats)
             if repeats:
                 runs = self._run_repeated(key)
             else:
@@ -512,8 +521,9 @@ class GraphedEngine(Engine):
         n = block.shape[0]
         self._load_state(block, pad, torch.zeros(n, dtype=torch.bool, device=block.device))
         rows = np.arange(n, dtype=np.int64)
-        st.upload({"rows_T": np.repeat(rows, bs), "bslot_T": np.tile(np.arange(bs, dtype=np.int64), n),
-                   "rows_b": rows, "rows_R": rows, "P": np.asarray([self.cache.prefix_len], dtype=np.int64)})
-        self._run(self._key(n, 0, (LayerAction.RUN,) * self.runner.num_layers, True, True, False))
+        slots = np.tile(np.arange(bs, dtype=np.int64), n)
+        st.upload({"rows_T": np.repeat(rows, bs), "bslot_T": slots, "qslot_T": slots, "rows_R": rows,
+                   "P": np.asarray([self.cache.prefix_len], dtype=np.int64)})
+        self._run(self._key(n, 0, (LayerAction.RUN,) * self.runner.num_layers, True, n, True))
         self.cache.advance(bs)
         return st.out_tok[:n].clone()

@@ -25,7 +25,7 @@ class StaticStore:
         self.reuse: dict[int, dict[str, torch.Tensor]] = {}
         t_max = rows * block_size
         # Integer inputs of a pass, one buffer so that one copy fills them.
-        self.layout = {"rows_T": t_max, "bslot_T": t_max, "rows_b": rows, "rows_s": rows, "rows_R": rows,
+        self.layout = {"rows_T": t_max, "bslot_T": t_max, "qslot_T": t_max, "rows_R": rows,
                        "tok_start": rows, "sub_start": rows, "P": 1, "hold": rows, "runs": 1}
         size = sum(self.layout.values())
         self.meta = torch.zeros(size, dtype=torch.long, device=device)
