@@ -163,9 +163,10 @@ def matrix_products(model, args, tokens: int) -> dict:
 
 def _use_variant(engine, options: dict) -> None:
     """Compile the engine's layer functions with other torch.compile options (graphs re-captured)."""
-    engine.pre = torch.compile(engine.math.pre_attention, fullgraph=True, **options)
-    engine.post = torch.compile(engine.math.post_attention, fullgraph=True, **options)
-    engine.graphs.clear()
+    packed = engine.packed
+    packed.pre = torch.compile(packed.math.pre_attention, fullgraph=True, **options)
+    packed.post = torch.compile(packed.math.post_attention, fullgraph=True, **options)
+    engine.captured.drop()
 
 
 def time_mode(model, args, mode: str | None, ids, mask) -> dict:
@@ -189,7 +190,7 @@ def time_mode(model, args, mode: str | None, ids, mask) -> dict:
         per_forward.append(round(wall * 1e3 / stats["forwards"], 3))
     engine = graphed_engine_of(model)
     passes = {}
-    for key, graph in list(engine.graphs.items()):
+    for key, graph in list(engine.captured.graphs.items()):
         name = f"{'commit' if key.commit else 'step'} rb{key.rb} rs{key.rs}"
         passes[name] = round(_time_ms(graph.replay, args.replays, True), 3)
     return {"first_calls_seconds": round(first_seconds, 2), "ms_per_forward": per_forward,

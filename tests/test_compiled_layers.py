@@ -47,7 +47,7 @@ def test_compiled_layer_functions_equal_the_eager_engine_in_float32(tiny_model):
         engine.prepare(len(prompts), capacity)
         got = BlockDiffusionDecoder(runner, settings, engine=engine, trace=True)
         assert got.decode(prompts) == want_tokens
-        assert engine.compile_failure is None and engine.describe()["mode"] == "compile"
+        assert engine.describe()["compile_failure"] is None and engine.describe()["mode"] == "compile"
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # both layer functions compiled
         assert got.trace == want.trace
         g, w = got.stats.as_dict(), want.stats.as_dict()
@@ -67,7 +67,7 @@ def test_each_layer_function_compiles_once_for_every_pass_size(tiny_model):
     decoder = BlockDiffusionDecoder(runner, settings, engine=engine)
     assert decoder.decode(prompts) == want
     assert decoder.stats.block_forwards > 0 and decoder.stats.sub_block_forwards > 0  # 32 and 8 tokens
-    assert engine.compile_failure is None
+    assert engine.describe()["compile_failure"] is None
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
 
 
@@ -75,8 +75,9 @@ def test_a_compile_failure_on_a_later_pass_shape_falls_back_to_the_plain_functio
     """torch.compile recompiles the layer functions for a new pass shape (and can fail then, e.g. at
     its recompile limit): that pass and every later one run the plain functions, with the same tokens."""
     runner, settings, prompts, want, engine = _plain_decode_and_engine(tiny_model, [5, 40], 9, compile_layers=False)
-    engine.compile_layers = True  # stands in for compiled functions that fail on their second shape
-    plain_pre, shapes = engine.math.pre_attention, []
+    packed = engine.packed
+    packed.compile_layers = True  # stands in for compiled functions that fail on their second shape
+    plain_pre, shapes = packed.math.pre_attention, []
 
     def pre_failing_on_a_new_shape(layer, *args):
         tokens = args[3].shape[0]
@@ -86,10 +87,10 @@ def test_a_compile_failure_on_a_later_pass_shape_falls_back_to_the_plain_functio
             raise RuntimeError("recompile limit reached")
         return plain_pre(layer, *args)
 
-    engine.pre = pre_failing_on_a_new_shape
-    with caplog.at_level("WARNING", logger="dllm_generation.engines.graphed"):
+    packed.pre = pre_failing_on_a_new_shape
+    with caplog.at_level("WARNING", logger="dllm_generation.engines.packed_pass"):
         got = BlockDiffusionDecoder(runner, settings, engine=engine).decode(prompts)
     assert got == want
-    assert len(shapes) == 2 and engine.pre == engine.math.pre_attention
-    assert engine.compile_failure == "RuntimeError: recompile limit reached"
+    assert len(shapes) == 2 and packed.pre == packed.math.pre_attention
+    assert engine.describe()["compile_failure"] == "RuntimeError: recompile limit reached"
     assert "torch.compile failed, continuing without it" in caplog.text

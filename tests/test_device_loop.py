@@ -14,39 +14,52 @@ import pytest
 import torch
 from test_fast_path import BASE, COUNTERS, _decode, prompts_of
 
-from dllm_generation.engines import graphed, release
+from dllm_generation.engines import captured, graphed, release
 from dllm_generation.engines.device_loop import loop_support
 
 
-class HostWhileLoop:
-    """The WHILE node's semantics: run the pass, then again while the pass's flag holds."""
+class PassAsGraph:
+    """A captured pass's replay semantics: run the pass again. Once a loop holds it, only the loop
+    may replay it."""
 
-    def __init__(self, engine, key):
-        self.engine, self.key, self.launches = engine, key, 0
+    def __init__(self, run):
+        self.run, self.in_loop, self.looping = run, False, False
+
+    def replay(self):
+        assert self.looping or not self.in_loop, "a pass with a loop must go through its loop"
+        self.run()
+
+
+class HostWhileLoop:
+    """The WHILE node's semantics: replay the body, then again while the flag the body wrote holds."""
+
+    def __init__(self, graph, flag):
+        self.graph, self.flag, self.launches = graph, flag, 0
+        graph.in_loop = True
 
     def launch(self):
         self.launches += 1
-        self.engine._pass(self.key)
-        while bool(self.engine.store.again):
-            self.engine._pass(self.key)
+        self.graph.looping = True
+        try:
+            self.graph.replay()
+            while bool(self.flag):
+                self.graph.replay()
+        finally:
+            self.graph.looping = False
 
     def close(self, wait=True):
         pass
 
 
-class NoReplay:
-    def replay(self):
-        raise AssertionError("a repeatable pass must go through its loop")
+def pretend_captured(monkeypatch):
+    """Every pass counts as captured after its first run (a `PassAsGraph`), so loops get built."""
+    real_run = graphed.GraphedEngine._run
 
+    def run(self, key):
+        real_run(self, key)
+        self.captured.graphs.setdefault(key, PassAsGraph(lambda: self._pass(key)))
 
-class PassAsGraph:
-    """A captured pass's replay semantics: run the pass again."""
-
-    def __init__(self, engine, key):
-        self.engine, self.key = engine, key
-
-    def replay(self):
-        self.engine._pass(self.key)
+    monkeypatch.setattr(graphed.GraphedEngine, "_run", run)
 
 
 @pytest.fixture
@@ -54,13 +67,13 @@ def host_loops(monkeypatch, tiny_model):
     release(tiny_model)  # a fresh engine: no loops from earlier tests
     loops = []
 
-    def add_loop(self, key):
-        if key not in self.loops:
-            self.loops[key] = HostWhileLoop(self, key)
-            self.graphs[key] = NoReplay()
-            loops.append(self.loops[key])
+    def make_loop(graph, flag):
+        loops.append(HostWhileLoop(graph, flag))
+        return loops[-1]
 
-    monkeypatch.setattr(graphed.GraphedEngine, "_add_loop", add_loop)
+    pretend_captured(monkeypatch)
+    monkeypatch.setattr(captured, "loop_support", lambda device: None)
+    monkeypatch.setattr(captured, "DeviceLoop", make_loop)
     yield loops
     release(tiny_model)
 
@@ -81,22 +94,16 @@ def test_device_loop_path_gives_the_eager_tokens_counters_and_trace(tiny_model, 
 def test_without_device_loops_the_engine_says_why_once_and_repeats_from_the_host(tiny_model, monkeypatch, caplog):
     reason = "conditional graph nodes unavailable (simulated)"
     release(tiny_model)
-    monkeypatch.setattr(graphed, "loop_support", lambda device: reason)
+    monkeypatch.setattr(captured, "loop_support", lambda device: reason)
     prompts = prompts_of([5, 40], seed=3)
     cfg = dict(max_new_tokens=48, **BASE)
     want, _ = _decode(tiny_model, prompts, False, cfg)
-    real_run = graphed.GraphedEngine._run
-
-    def run_and_pretend_captured(self, key):  # the loop is built only for a captured pass
-        real_run(self, key)
-        if key.repeat:
-            self.graphs.setdefault(key, PassAsGraph(self, key))
-
-    monkeypatch.setattr(graphed.GraphedEngine, "_run", run_and_pretend_captured)
-    with caplog.at_level("WARNING", logger="dllm_generation.engines.graphed"):
+    pretend_captured(monkeypatch)  # a loop is built only around a captured pass
+    with caplog.at_level("WARNING", logger="dllm_generation.engines.captured"):
         got, decoder = _decode(tiny_model, prompts, "uncaptured", cfg)
     assert got == want
-    assert decoder.engine.loop_failure == reason and not decoder.engine.loops
+    assert decoder.engine.captured.loop_failure == reason and not decoder.engine.captured.loops
+    assert decoder.engine.describe()["loop_failure"] == reason
     assert caplog.text.count("device loops unavailable") == 1 and reason in caplog.text
 
 

@@ -226,7 +226,7 @@ def test_qkv_weights_share_one_storage_without_a_second_copy(tiny_path, tmp_path
     graphed_out, _ = generate_new_tokens(model, prompts, max_new_tokens=32, fast_path="uncaptured", **BASE)
     assert graphed_out == eager_out
     engine = graphed_engine_of(model)
-    for layer, (weight, bias) in zip(model.model.layers, engine.qkv):
+    for layer, (weight, bias) in zip(model.model.layers, engine.packed.qkv):
         attn = layer.self_attn
         for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
             assert proj.weight.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr()
@@ -234,10 +234,10 @@ def test_qkv_weights_share_one_storage_without_a_second_copy(tiny_path, tmp_path
         assert torch.equal(weight, torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     # A second engine of the same model finds the storage already shared and copies nothing.
-    pointers = [w.data_ptr() for w, _ in engine.qkv]
+    pointers = [w.data_ptr() for w, _ in engine.packed.qkv]
     release(model)
     generate_new_tokens(model, prompts, max_new_tokens=32, fast_path="uncaptured", **BASE)
-    assert [w.data_ptr() for w, _ in graphed_engine_of(model).qkv] == pointers
+    assert [w.data_ptr() for w, _ in graphed_engine_of(model).packed.qkv] == pointers
     assert generate_new_tokens(model, prompts, max_new_tokens=32, fast_path=False, **BASE)[0] == eager_out
     model.save_pretrained(tmp_path)
     reloaded, _ = load_model(str(tmp_path), dtype=torch.float32)
@@ -250,7 +250,7 @@ def test_running_out_of_memory_while_capturing_frees_the_graphs_and_decodes_on(t
     uncaptured with the eager engine's tokens."""
     from contextlib import contextmanager
 
-    from dllm_generation.engines import graphed
+    from dllm_generation.engines import captured
 
     attempts = []
 
@@ -267,11 +267,11 @@ def test_running_out_of_memory_while_capturing_frees_the_graphs_and_decodes_on(t
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         yield  # pragma: no cover
 
-    monkeypatch.setattr(graphed.torch.cuda, "CUDAGraph", FakeGraph)
-    monkeypatch.setattr(graphed.torch.cuda, "graph", out_of_memory)
-    monkeypatch.setattr(graphed.torch.cuda, "graph_pool_handle", lambda: object())
-    monkeypatch.setattr(graphed.torch.cuda, "synchronize", lambda *a, **k: None)
-    monkeypatch.setattr(graphed.torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(captured.torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(captured.torch.cuda, "graph", out_of_memory)
+    monkeypatch.setattr(captured.torch.cuda, "graph_pool_handle", lambda: object())
+    monkeypatch.setattr(captured.torch.cuda, "synchronize", lambda *a, **k: None)
+    monkeypatch.setattr(captured.torch.cuda, "empty_cache", lambda: None)
     prompts = prompts_of([5, 40], seed=9)
     kw = dict(max_new_tokens=48, **BASE)
     want, _ = generate_new_tokens(tiny_model, prompts, fast_path=False, **kw)
@@ -281,12 +281,12 @@ def test_running_out_of_memory_while_capturing_frees_the_graphs_and_decodes_on(t
     engine = GraphedEngine(runner, settings, capture=True, compile_layers=False)
     engine.bind(runner, settings)
     engine.prepare(len(prompts), plan_layout([5, 40], 32, 48).capacity_blocks * 32)
-    engine.graphs["a pass shape captured earlier"] = FakeGraph()
-    engine.pool = object()
-    with caplog.at_level("WARNING", logger="dllm_generation.engines.graphed"):
+    engine.captured.graphs["a pass shape captured earlier"] = FakeGraph()
+    engine.captured.pool = object()
+    with caplog.at_level("WARNING", logger="dllm_generation.engines.captured"):
         got = BlockDiffusionDecoder(runner, settings, engine=engine).decode(prompts)
     assert got == [w[: len(g)] for g, w in zip(got, want)]
-    assert len(attempts) == 1 and not engine.graphs and engine.pool is None
-    assert engine.graph_failure.startswith("out of memory while capturing")
+    assert len(attempts) == 1 and not engine.captured.graphs and engine.captured.pool is None
+    assert engine.describe()["graph_failure"].startswith("out of memory while capturing")
     assert "graphs freed, continuing without them" in caplog.text
     assert engine.describe()["uncaptured_passes"] > 2

@@ -1,0 +1,242 @@
+"""One pass of the graphed engine: the packed rows of a step through every decoder layer.
+
+The rows of a step's whole-block forward and of its sub-block forward are packed into one token
+batch for every matrix product (one read of the weights). Around the attention everything is the
+model's own modules (`input_layernorm`, `o_proj`, `post_attention_layernorm`, `mlp`) and
+transformers' `apply_rotary_pos_emb`, except that q/k/v run as one matrix product over the
+projections' shared storage (`qkv.py`: measured 0.36-0.43 ms less per 7B forward on an H200 at
+8-40 tokens; gate/up fused the same way gained nothing at 8-40 tokens and lost at 256). This
+module's own code is the packed attention: one call per layer for every row of the pass, over the
+static cache in place, with a per-row key-range mask over the whole capacity, so a pass's shapes
+depend only on its `PassKey`, never on the prefix. The step's token choice and unmask rule
+(`rules.py`, the eager engine's own) end the pass, so they are part of its graph.
+
+With `compile_layers`, `torch.compile` fuses each layer's element-wise work around the attention;
+a compile failure on any pass shape falls back to the plain functions, with a logged reason.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..sampling import choose_tokens
+from .plan import LayerAction
+from .qkv import share_qkv_storage
+from .rules import prediction_index, step_repeats, unmask_confident
+from .static_store import StaticStore
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PassKey:
+    """Everything a pass's graph depends on besides the static buffers."""
+
+    rb: int  # rows forwarding their whole block
+    rs: int  # rows forwarding their current sub-block
+    actions: tuple[LayerAction, ...]  # per layer
+    residual: bool
+    commit: bool  # a block commit: greedy next token from the last slot; otherwise a denoising step
+    span: int  # batch rows 0..span-1 attend (rows not in the pass attend too, and are ignored)
+    ordered: bool  # the pass's tokens are rows 0..span-1 in order, one kind: attention needs no scatter
+    threshold: float
+    mask_id: int
+    repeat: bool  # a step that may repeat: the pass counts its runs and computes whether to run again
+
+
+def _rotary_function(layer):
+    """transformers' `apply_rotary_pos_emb` of the layer's own modeling module."""
+    module = importlib.import_module(type(layer.self_attn).__module__)
+    return module.apply_rotary_pos_emb
+
+
+class LayerMath:
+    """One decoder layer's work around the packed attention, through the model's own modules:
+    its norms, o_proj and MLP, and transformers' `apply_rotary_pos_emb`. q/k/v are one matrix
+    product over their shared storage (`share_qkv_storage`).
+
+    The new keys and values are written into the static cache inside `pre_attention`, so that
+    under `torch.compile` the writes fuse with the rotary kernel instead of running as two more
+    kernels per layer.
+    """
+
+    def __init__(self, rotary, n_heads: int, n_kv: int, head_dim: int):
+        self.rotary = rotary
+        self.sizes = (n_heads * head_dim, n_kv * head_dim, n_kv * head_dim)
+        self.n_heads, self.n_kv, self.head_dim = n_heads, n_kv, head_dim
+
+    def pre_attention(self, layer, qkv_weight, qkv_bias, x, cos, sin, keys, values, rows, slots):
+        """Queries [T, heads, head_dim]; the keys and values go to `keys`/`values`[rows, :, slots]."""
+        h = layer.input_layernorm(x)
+        q, k, v = F.linear(h, qkv_weight, qkv_bias).split(self.sizes, dim=-1)
+        q = q.reshape(-1, self.n_heads, self.head_dim)
+        k = k.reshape(-1, self.n_kv, self.head_dim)
+        v = v.reshape(-1, self.n_kv, self.head_dim)
+        q, k = self.rotary(q, k, cos, sin, unsqueeze_dim=1)
+        keys[rows, :, slots] = k
+        values[rows, :, slots] = v
+        return q
+
+    def post_attention(self, layer, x, attended):
+        x = x + layer.self_attn.o_proj(attended)
+        return x + layer.mlp(layer.post_attention_layernorm(x))
+
+
+class PackedPass:
+    """The pass of one model: its dimensions, the shared q/k/v storage and the layer functions
+    (compiled or plain). Holds no reference to the model itself (only its parameters), so the
+    engine that owns it can live in a map keyed weakly by the model."""
+
+    def __init__(self, runner, *, compile_layers: bool):
+        cfg = runner.model.config
+        attn = runner.layers[0].self_attn
+        self.n_heads = int(cfg.num_attention_heads)
+        self.n_kv = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+        self.head_dim = int(attn.head_dim)
+        self.scaling = float(attn.scaling)
+        self.hidden = int(cfg.hidden_size)
+        self.qkv = [share_qkv_storage(layer.self_attn) for layer in runner.layers]
+        self.math = LayerMath(_rotary_function(runner.layers[0]), self.n_heads, self.n_kv, self.head_dim)
+        self.compile_layers = compile_layers
+        self.compile_failure: str | None = None
+        self.runs = 0  # passes run outside a graph (first runs, and every run without graphs)
+        self.set_layer_functions(compile_layers)
+
+    def set_layer_functions(self, compiled: bool) -> None:
+        if compiled:
+            # Only the token count varies between passes (`_tokens_vary` marks it). Compiling with
+            # every size dynamic would let torch's duck sizing tie a token count to an equal fixed
+            # size (the hidden size, the cache's capacity) and compile again at the next pass size.
+            self.pre = torch.compile(self.math.pre_attention, fullgraph=True)
+            self.post = torch.compile(self.math.post_attention, fullgraph=True)
+        else:
+            self.pre, self.post = self.math.pre_attention, self.math.post_attention
+
+    def run_first(self, key: "PassKey", st: StaticStore, runner) -> None:
+        """A pass shape's first run (also the warm-up a capture needs). With compiled layer
+        functions this compiles them, or recompiles them for the new shape; if that fails, this
+        pass and every later one run the plain functions."""
+        if self.compile_layers and self.compile_failure is None:
+            if self.runs == 0:
+                logger.info("graphed engine: compiling the layer functions (about 10 s, once per process)")
+            try:
+                self.run(key, st, runner)
+            except Exception as err:  # compiling is an optimisation: fall back to the plain functions
+                self.compile_failure = f"{type(err).__name__}: {str(err)[:500]}"
+                logger.warning("graphed engine: torch.compile failed, continuing without it: %s", self.compile_failure)
+                self.set_layer_functions(False)
+                self.run(key, st, runner)  # idempotent: recomputes and rewrites everything the failed run touched
+        else:
+            self.run(key, st, runner)
+        self.runs += 1
+
+    def _attend(self, q, queries, keys, values, rows_T, qslot_T, mask, ordered: bool):
+        """Attention of every row of the pass in one call, over the cache rows 0..span-1 in place.
+
+        Queries take the layout [span, heads, qlen, head_dim]: whole-block rows fill their 32 slots,
+        sub-block rows the slots of their sub-block (a pass without whole-block rows has qlen = one
+        sub-block). If the pass's tokens are already in that order this is a transpose; otherwise they
+        are scattered into `queries` at (row, slot), and rows without tokens attend with zero
+        queries whose outputs nobody reads. Either way no row's keys are gathered, and a pass that
+        mixes whole-block and sub-block rows is one attention, not two. Grouped-query attention
+        without repeating K/V: the query heads sharing a KV head are extra query rows of that head.
+        """
+        span, qlen = queries.shape[0], queries.shape[2]
+        group_rows = (self.n_heads // self.n_kv) * qlen
+        if ordered:
+            grouped = q.reshape(span, qlen, self.n_heads, self.head_dim).transpose(1, 2)
+            grouped = grouped.reshape(span, self.n_kv, group_rows, self.head_dim)
+        else:
+            queries[rows_T, :, qslot_T] = q
+            grouped = queries.view(span, self.n_kv, group_rows, self.head_dim)
+        o = F.scaled_dot_product_attention(grouped, keys[:span], values[:span], attn_mask=mask, scale=self.scaling)
+        o = o.reshape(span, self.n_heads, qlen, self.head_dim)  # some SDPA backends return a strided layout
+        o = o.transpose(1, 2) if ordered else o[rows_T, :, qslot_T]
+        return o.reshape(-1, self.n_heads * self.head_dim)
+
+    def _tokens_vary(self, *tensors: torch.Tensor) -> None:
+        """Tell torch.compile that dimension 0 (the pass's token count) changes between passes."""
+        if self.compile_layers:
+            for tensor in tensors:
+                torch._dynamo.maybe_mark_dynamic(tensor, 0)
+
+    @staticmethod
+    def _key_mask(st: StaticStore, pad: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
+        """[R, 1, 1, capacity] additive mask: 0 on each row's keys (after its padding, before
+        `limit`), -inf elsewhere. Made once per pass: given a boolean mask, SDPA would build this
+        same mask again in every layer (three more kernels per layer)."""
+        ar = st.ar_cap
+        allowed = (ar[None, :] >= pad[:, None]) & (ar[None, :] < limit)
+        mask = torch.zeros(allowed.shape, dtype=st.dtype, device=ar.device)
+        return mask.masked_fill_(~allowed, float("-inf"))[:, None, None, :]
+
+    def run(self, key: PassKey, st: StaticStore, runner) -> None:
+        """One pass: every layer of the packed rows, then the step's token choice and unmask rule
+        (or, for a commit, the next block's first token). Everything it reads and writes lives in `st`."""
+        bs, sbs = st.block_size, st.small_block_size
+        f = st.fields
+        rb, rs = key.rb, key.rs
+        n_rows = rb + rs
+        tb = rb * bs
+        n_tok = tb + rs * sbs
+        rows_T, bslot_T, prefix = f["rows_T"][:n_tok], f["bslot_T"][:n_tok], f["P"]
+        tokens = st.block[rows_T, bslot_T]
+        positions = prefix - st.pad[rows_T] + bslot_T
+        slot_T = prefix + bslot_T
+        x = runner.embed(tokens)
+        cos, sin = runner.rotary(x[None], positions[None])
+        cos, sin = cos[0], sin[0]
+        self._tokens_vary(cos, sin, rows_T, slot_T)
+        mask = self._key_mask(st, st.pad[: key.span], prefix + bs)
+        qslot_T = f["qslot_T"][:n_tok]
+        qlen = bs if rb else sbs
+        queries = (torch.empty if key.ordered else torch.zeros)(key.span, self.n_heads, qlen, self.head_dim,
+                                                                 dtype=x.dtype, device=x.device)
+        rows_R = f["rows_R"][:n_rows]
+        for i, layer in enumerate(runner.layers):
+            action = key.actions[i]
+            if action is LayerAction.RECALL:
+                entry = st.reuse[i]
+                out = entry["reuse_output"][rows_T, bslot_T]
+                if key.residual:
+                    out = x + (out - entry["reuse_input"][rows_T, bslot_T])
+                x = out
+                continue
+            x_in = x
+            self._tokens_vary(x)
+            q = self.pre(layer, *self.qkv[i], x, cos, sin, st.keys[i], st.values[i], rows_T, slot_T)
+            attended = self._attend(q, queries, st.keys[i], st.values[i], rows_T, qslot_T, mask, key.ordered)
+            self._tokens_vary(attended)
+            x = self.post(layer, x, attended)
+            if action is LayerAction.STORE:
+                entry = st.reuse[i]
+                entry["reuse_output"][rows_T, bslot_T] = x
+                if key.residual:  # only residual recalls read the stored input
+                    entry["reuse_input"][rows_T, bslot_T] = x_in
+        if key.commit:
+            last = torch.arange(n_rows, device=x.device) * bs + bs - 1
+            st.out_tok[:n_rows].copy_(choose_tokens(runner.logits(runner.norm(x[last])), mask_token_id=key.mask_id)[0])
+            return
+        # Which packed hidden state predicts each slot of each row's sub-block: the rule's index
+        # into the row's own tokens, offset by where the row's tokens sit in the packed batch.
+        sub_start, tok_start = f["sub_start"][:n_rows], f["tok_start"][:n_rows]
+        row_base = torch.cat([torch.arange(rb, device=x.device) * bs, tb + torch.arange(rs, device=x.device) * sbs])
+        pick = (row_base[:, None] + prediction_index(sub_start, tok_start, sbs)).reshape(-1)
+        tok, conf = choose_tokens(runner.logits(runner.norm(x[pick])), mask_token_id=key.mask_id)
+        slots = sub_start[:, None] + st.ar_sub
+        unmask = unmask_confident(st.block, st.finished, rows_R, slots, tok.view(n_rows, sbs),
+                                  conf.view(n_rows, sbs), threshold=key.threshold, mask_token_id=key.mask_id,
+                                  stop_ids=st.stop_ids)
+        st.unmask[:n_rows].copy_(unmask)
+        if key.repeat:
+            runs = f["runs"]
+            st.unmask_runs[:, :n_rows].index_copy_(0, runs, unmask[None])
+            runs.add_(1)
+            again = step_repeats(st.block, rows_R, sub_start, f["hold"][:n_rows] != 0, small_block_size=sbs,
+                                 mask_token_id=key.mask_id)
+            st.again.copy_(again & (runs < sbs))
