@@ -168,8 +168,9 @@ def parse_args(argv=None):
                    help=f"std of the random weights (default: {FULL_GRID['init_std']}; --tiny: {TINY_GRID['init_std']:.3g})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json-out", default=None, help="write all results (and environment) here, updated after every run")
-    p.add_argument("--profile", default=None, help="comma list of paths (off,on,...) to profile at batch 1 (torch.profiler)")
+    p.add_argument("--profile", default=None, help="comma list of paths (off,on,...) to profile (torch.profiler)")
     p.add_argument("--profile-tokens", type=int, default=64)
+    p.add_argument("--profile-batch", type=int, default=1, help="batch size of the profiled decode")
     p.add_argument("--agreement", action="store_true",
                    help="also check fast vs plain tokens on a shallow model with peaky random weights (decisive logits)")
     p.add_argument("--graph-check", default=None,
@@ -208,7 +209,8 @@ def validate_args(args, p) -> None:
         if value is not None:
             _positive_ints(p, option, value)
     for option, value in (("--new-tokens", args.new_tokens), ("--calibration-tokens", args.calibration_tokens),
-                          ("--floor-repeats", args.floor_repeats)):
+                          ("--floor-repeats", args.floor_repeats), ("--profile-tokens", args.profile_tokens),
+                          ("--profile-batch", args.profile_batch)):
         if value <= 0:
             p.error(f"{option} must be a positive integer, got {value}")
     bad = [c for c in _csv(args.cache) if c not in CACHE_VALUES]
@@ -604,7 +606,7 @@ def main(argv=None):
         for path in _csv(args.profile):
             try:
                 results["profiles"][path] = profile_run(model, args, vocab_high, path)
-                print(f"\nprofile (batch 1, {args.profile_tokens} new tokens, path={path}):\n{results['profiles'][path]['table']}",
+                print(f"\nprofile (batch {args.profile_batch}, {args.profile_tokens} new tokens, path={path}):\n{results['profiles'][path]['table']}",
                       flush=True)
             except Exception as err:
                 results["errors"].append({"run": f"profile {path}", "error": f"{type(err).__name__}: {err}",
@@ -646,7 +648,7 @@ def main(argv=None):
 def profile_run(model, args, vocab_high, path):
     from torch.profiler import ProfilerActivity, profile
 
-    ids, mask = make_prompts(args, 1, vocab_high)
+    ids, mask = make_prompts(args, args.profile_batch, vocab_high)
     run_one(model, args, ids, mask, cache=True, reuse=None, path=path, new_tokens=args.profile_tokens)  # warm-up
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
     with profile(activities=acts) as prof:

@@ -132,6 +132,7 @@ def test_the_gpu_command_parses_to_the_intended_grid(bench, argv):
     (["--cache", "maybe"], "--cache"),
     (["--ar", "compiled"], "--ar"),
     (["--batch-sizes", "1,x"], "--batch-sizes"),
+    (["--profile", "on", "--profile-batch", "0"], "--profile-batch"),
     (["--reference-json", "/nonexistent/ref.json"], "--reference-json"),
 ])
 def test_bad_arguments_end_with_one_line_and_exit_2_before_any_model(bench, monkeypatch, capsys, argv, option):
