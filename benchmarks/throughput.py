@@ -168,7 +168,9 @@ def parse_args(argv=None):
                    help=f"std of the random weights (default: {FULL_GRID['init_std']}; --tiny: {TINY_GRID['init_std']:.3g})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json-out", default=None, help="write all results (and environment) here, updated after every run")
-    p.add_argument("--profile", default=None, help="comma list of paths (off,on,...) to profile (torch.profiler)")
+    p.add_argument("--profile", default=None,
+                   help="comma list of paths (off,on,...) to profile (torch.profiler; it does not trace the kernels "
+                        "of a device loop's later iterations, so repeated steps are undercounted)")
     p.add_argument("--profile-tokens", type=int, default=64)
     p.add_argument("--profile-batch", type=int, default=1, help="batch size of the profiled decode")
     p.add_argument("--agreement", action="store_true",
