@@ -290,3 +290,33 @@ def test_running_out_of_memory_while_capturing_frees_the_graphs_and_decodes_on(t
     assert engine.describe()["graph_failure"].startswith("out of memory while capturing")
     assert "graphs freed, continuing without them" in caplog.text
     assert engine.describe()["uncaptured_passes"] > 2
+
+
+def test_a_pass_of_whole_block_and_sub_block_rows_attends_once_per_layer(tiny_model, monkeypatch):
+    """Rows that forward their whole block and rows that forward a sub-block share a pass, and that
+    pass runs one attention call per layer (not one per kind of row), with the eager engine's tokens."""
+    from dllm_generation.engines import packed_pass
+
+    calls, passes = Counter(), []
+    real_attention, real_run = packed_pass.F.scaled_dot_product_attention, packed_pass.PackedPass.run
+
+    def attention(*args, **kwargs):
+        calls[len(passes)] += 1
+        return real_attention(*args, **kwargs)
+
+    def run(self, key, store, runner):
+        passes.append(key)
+        real_run(self, key, store, runner)
+
+    monkeypatch.setattr(packed_pass.F, "scaled_dot_product_attention", attention)
+    monkeypatch.setattr(packed_pass.PackedPass, "run", run)
+    prompts = prompts_of([5, 40, 64, 70], seed=12)
+    kw = dict(max_new_tokens=64, use_block_cache=True, **BASE)
+    want, _ = generate_new_tokens(tiny_model, prompts, fast_path=False, **kw)
+    calls.clear()
+    passes.clear()
+    got, _ = generate_new_tokens(tiny_model, prompts, fast_path="uncaptured", **kw)
+    assert got == want
+    assert any(key.rb and key.rs for key in passes)  # some passes mix both kinds of rows
+    layers = tiny_model.config.num_hidden_layers
+    assert all(calls[i] == layers for i in range(1, len(passes) + 1))
