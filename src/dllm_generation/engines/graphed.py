@@ -215,17 +215,18 @@ class GraphedEngine(Engine):
             rows_T = np.concatenate([np.repeat(rows_np[:rb], bs), np.repeat(rows_np[rb:], sbs)])
             bslot_T = np.concatenate([np.tile(np.arange(bs, dtype=np.int64), rb),
                                       (tok_start[rb:, None] + np.arange(sbs, dtype=np.int64)).reshape(-1)])
-            # Each token's slot among its row's queries: its block slot, or without whole-block rows
-            # its slot in the sub-block.
-            qslot_T = bslot_T if rb else np.tile(np.arange(sbs, dtype=np.int64), rs)
-            values = {"rows_T": rows_T, "bslot_T": bslot_T, "qslot_T": qslot_T,
-                      "rows_R": rows_np, "sub_start": sub_start, "tok_start": tok_start,
-                      "P": np.asarray([self.cache.prefix_len], dtype=np.int64)}
+            values = {"rows_T": rows_T, "bslot_T": bslot_T, "rows_R": rows_np, "sub_start": sub_start,
+                      "tok_start": tok_start, "P": np.asarray([self.cache.prefix_len], dtype=np.int64)}
+            # Tokens already in attention order (rows 0..n-1, one kind) need no scatter; otherwise each
+            # token's slot among its row's queries: its block slot, or without whole-block rows its
+            # slot in the sub-block.
+            ordered = (rb == 0 or rs == 0) and rows_np.tolist() == list(range(n_rows))
+            if not ordered:
+                values["qslot_T"] = bslot_T if rb else np.tile(np.arange(sbs, dtype=np.int64), rs)
             if repeats:
                 values["hold"] = np.asarray([h for p in plans for h in repeat.hold_first(p)], dtype=np.int64)
                 values["runs"] = np.zeros(1, dtype=np.int64)
             st.upload(values)
-            ordered = (rb == 0 or rs == 0) and rows_np.tolist() == list(range(n_rows))
             key = self._key(rb, rs, actions, False, n_rows, ordered, repeats)
             if repeats:
                 runs = self._run_repeated(key)
@@ -249,9 +250,8 @@ class GraphedEngine(Engine):
         n = block.shape[0]
         self._load_state(block, pad, torch.zeros(n, dtype=torch.bool, device=block.device))
         rows = np.arange(n, dtype=np.int64)
-        slots = np.tile(np.arange(bs, dtype=np.int64), n)
-        st.upload({"rows_T": np.repeat(rows, bs), "bslot_T": slots, "qslot_T": slots, "rows_R": rows,
-                   "P": np.asarray([self.cache.prefix_len], dtype=np.int64)})
+        st.upload({"rows_T": np.repeat(rows, bs), "bslot_T": np.tile(np.arange(bs, dtype=np.int64), n),
+                   "rows_R": rows, "P": np.asarray([self.cache.prefix_len], dtype=np.int64)})
         self._run(self._key(n, 0, (LayerAction.RUN,) * self.runner.num_layers, True, n, True))
         self.cache.advance(bs)
         return st.out_tok[:n].clone()

@@ -104,7 +104,7 @@ class PackedPass:
         self.math = LayerMath(_rotary_function(runner.layers[0]), self.n_heads, self.n_kv, self.head_dim)
         self.compile_layers = compile_layers
         self.compile_failure: str | None = None
-        self.runs = 0  # passes run outside a graph (first runs, and every run without graphs)
+        self.compiled_once = False  # the first compile (about 10 s) is announced in the log
         self.set_layer_functions(compile_layers)
 
     def set_layer_functions(self, compiled: bool) -> None:
@@ -122,8 +122,9 @@ class PackedPass:
         functions this compiles them, or recompiles them for the new shape; if that fails, this
         pass and every later one run the plain functions."""
         if self.compile_layers and self.compile_failure is None:
-            if self.runs == 0:
+            if not self.compiled_once:
                 logger.info("graphed engine: compiling the layer functions (about 10 s, once per process)")
+                self.compiled_once = True
             try:
                 self.run(key, st, runner)
             except Exception as err:  # compiling is an optimisation: fall back to the plain functions
@@ -133,30 +134,30 @@ class PackedPass:
                 self.run(key, st, runner)  # idempotent: recomputes and rewrites everything the failed run touched
         else:
             self.run(key, st, runner)
-        self.runs += 1
 
-    def _attend(self, q, queries, keys, values, rows_T, qslot_T, mask, ordered: bool):
+    def _attend(self, q, keys, values, mask, span: int, qlen: int, scatter=None):
         """Attention of every row of the pass in one call, over the cache rows 0..span-1 in place.
 
         Queries take the layout [span, heads, qlen, head_dim]: whole-block rows fill their 32 slots,
         sub-block rows the slots of their sub-block (a pass without whole-block rows has qlen = one
-        sub-block). If the pass's tokens are already in that order this is a transpose; otherwise they
-        are scattered into `queries` at (row, slot), and rows without tokens attend with zero
-        queries whose outputs nobody reads. Either way no row's keys are gathered, and a pass that
-        mixes whole-block and sub-block rows is one attention, not two. Grouped-query attention
-        without repeating K/V: the query heads sharing a KV head are extra query rows of that head.
+        sub-block). If the pass's tokens are already in that order this is a transpose; otherwise
+        `scatter` = (zeroed buffer of that layout, each token's row, each token's slot) places them,
+        and rows without tokens attend with zero queries whose outputs nobody reads. Either way no
+        row's keys are gathered, and a pass that mixes whole-block and sub-block rows is one
+        attention, not two. Grouped-query attention without repeating K/V: the query heads sharing a
+        KV head are extra query rows of that head.
         """
-        span, qlen = queries.shape[0], queries.shape[2]
         group_rows = (self.n_heads // self.n_kv) * qlen
-        if ordered:
+        if scatter is None:
             grouped = q.reshape(span, qlen, self.n_heads, self.head_dim).transpose(1, 2)
             grouped = grouped.reshape(span, self.n_kv, group_rows, self.head_dim)
         else:
+            queries, rows_T, qslot_T = scatter
             queries[rows_T, :, qslot_T] = q
             grouped = queries.view(span, self.n_kv, group_rows, self.head_dim)
         o = F.scaled_dot_product_attention(grouped, keys[:span], values[:span], attn_mask=mask, scale=self.scaling)
         o = o.reshape(span, self.n_heads, qlen, self.head_dim)  # some SDPA backends return a strided layout
-        o = o.transpose(1, 2) if ordered else o[rows_T, :, qslot_T]
+        o = o.transpose(1, 2) if scatter is None else o[scatter[1], :, scatter[2]]
         return o.reshape(-1, self.n_heads * self.head_dim)
 
     def _tokens_vary(self, *tensors: torch.Tensor) -> None:
@@ -193,10 +194,10 @@ class PackedPass:
         cos, sin = cos[0], sin[0]
         self._tokens_vary(cos, sin, rows_T, slot_T)
         mask = self._key_mask(st, st.pad[: key.span], prefix + bs)
-        qslot_T = f["qslot_T"][:n_tok]
         qlen = bs if rb else sbs
-        queries = (torch.empty if key.ordered else torch.zeros)(key.span, self.n_heads, qlen, self.head_dim,
-                                                                 dtype=x.dtype, device=x.device)
+        scatter = None if key.ordered else (
+            torch.zeros(key.span, self.n_heads, qlen, self.head_dim, dtype=x.dtype, device=x.device),
+            rows_T, f["qslot_T"][:n_tok])
         rows_R = f["rows_R"][:n_rows]
         for i, layer in enumerate(runner.layers):
             action = key.actions[i]
@@ -210,7 +211,7 @@ class PackedPass:
             x_in = x
             self._tokens_vary(x)
             q = self.pre(layer, *self.qkv[i], x, cos, sin, st.keys[i], st.values[i], rows_T, slot_T)
-            attended = self._attend(q, queries, st.keys[i], st.values[i], rows_T, qslot_T, mask, key.ordered)
+            attended = self._attend(q, st.keys[i], st.values[i], mask, key.span, qlen, scatter)
             self._tokens_vary(attended)
             x = self.post(layer, x, attended)
             if action is LayerAction.STORE:
