@@ -1,8 +1,8 @@
 """Repeated steps (plan.Repeat) through the graphed engine's device-loop path, on the CPU.
 
 A device loop (engines/device_loop.py) is a CUDA graph WHILE node: it runs the captured pass, then
-again while the flag the pass wrote holds. Here a stand-in with exactly those semantics runs the
-uncaptured pass, so the engine's side of it (the run count read back from the device, each run's
+again while the flag the pass wrote holds (with a layer-reuse cycle, the cycle's passes in turn).
+Here a stand-in with exactly those semantics runs the uncaptured passes, so the engine's side of it (the run count read back from the device, each run's
 unmasked slots for the trace) is checked against the eager engine; the real node is checked in
 float32 on a GPU by benchmarks/fast_path_agreement.py. Where loops cannot be built, the engine
 logs why once and repeats steps from the host.
@@ -14,38 +14,35 @@ import pytest
 import torch
 from test_fast_path import BASE, COUNTERS, _decode, prompts_of
 
+from dllm_generation import LayerReuseConfig
 from dllm_generation.engines import captured, graphed, release
 from dllm_generation.engines.device_loop import loop_support
 
 
 class PassAsGraph:
-    """A captured pass's replay semantics: run the pass again. Once a loop holds it, only the loop
-    may replay it."""
+    """A captured pass's replay semantics: run the pass again."""
 
     def __init__(self, run):
-        self.run, self.in_loop, self.looping = run, False, False
+        self.run = run
 
     def replay(self):
-        assert self.looping or not self.in_loop, "a pass with a loop must go through its loop"
         self.run()
 
 
 class HostWhileLoop:
-    """The WHILE node's semantics: replay the body, then again while the flag the body wrote holds."""
+    """The loop's semantics: replay the passes in turn, starting with the first, while the flag the
+    last one wrote holds."""
 
-    def __init__(self, graph, flag):
-        self.graph, self.flag, self.launches = graph, flag, 0
-        graph.in_loop = True
+    def __init__(self, graphs, flag):
+        self.graphs, self.flag, self.launches, self.runs = list(graphs), flag, 0, 0
 
     def launch(self):
         self.launches += 1
-        self.graph.looping = True
-        try:
-            self.graph.replay()
-            while bool(self.flag):
-                self.graph.replay()
-        finally:
-            self.graph.looping = False
+        run = 0
+        while run == 0 or bool(self.flag):
+            self.graphs[run % len(self.graphs)].replay()
+            run += 1
+        self.runs += run
 
     def close(self, wait=True):
         pass
@@ -67,8 +64,8 @@ def host_loops(monkeypatch, tiny_model):
     release(tiny_model)  # a fresh engine: no loops from earlier tests
     loops = []
 
-    def make_loop(graph, flag):
-        loops.append(HostWhileLoop(graph, flag))
+    def make_loop(graphs, flag):
+        loops.append(HostWhileLoop(graphs, flag))
         return loops[-1]
 
     pretend_captured(monkeypatch)
@@ -89,6 +86,36 @@ def test_device_loop_path_gives_the_eager_tokens_counters_and_trace(tiny_model, 
     described = dec_g.engine.describe()
     assert described["device_loop_launches"] == sum(loop.launches for loop in host_loops) > 0
     assert 0 < described["repeated_runs"] < got["denoising_steps"]
+
+
+@pytest.mark.parametrize("reuse", [LayerReuseConfig(k=2, layers=[1, 2]), LayerReuseConfig(k=3, subset="last", size=1),
+                                   LayerReuseConfig(policy="per_layer", layer_k=[2, 3], layers=[0, 2])],
+                         ids=lambda c: c.label)
+@pytest.mark.parametrize("use_block_cache", [True, False])
+def test_reuse_cycles_run_in_device_loops_with_the_eager_tokens_counters_and_trace(tiny_model, host_loops, reuse,
+                                                                                   use_block_cache):
+    """A step-count schedule chains a sub-block's steps through its cycle of compute and recall
+    passes; the tokens, every layer's run and skip counts, and the per-run trace stay the eager
+    engine's."""
+    cfg = dict(max_new_tokens=64, use_block_cache=use_block_cache, layer_reuse=reuse, **BASE)
+    for prompts in (prompts_of([40], seed=5), prompts_of([5, 40, 64], seed=8)):
+        (out_e, dec_e), (out_g, dec_g) = (_decode(tiny_model, prompts, mode, cfg) for mode in (False, "uncaptured"))
+        assert out_g == out_e and dec_g.trace == dec_e.trace
+        got, want = dec_g.stats.as_dict(), dec_e.stats.as_dict()
+        assert {k: got[k] for k in COUNTERS} == {k: want[k] for k in COUNTERS}
+        assert got["layer_calls_skipped"] > 0
+    cycles = [loop for loop in host_loops if len(loop.graphs) > 1]
+    assert cycles and sum(loop.runs for loop in cycles) > sum(loop.launches for loop in cycles)
+
+
+def test_a_drift_schedule_never_chains_its_steps(tiny_model, host_loops):
+    """unmask_drift decides from the tokens, so each of its steps needs the host's read."""
+    cfg = dict(max_new_tokens=64, layer_reuse=LayerReuseConfig(policy="unmask_drift", tolerance=0.3, layers=[1, 2]),
+               **BASE)
+    prompts = prompts_of([40], seed=5)
+    (out_e, dec_e), (out_g, dec_g) = (_decode(tiny_model, prompts, mode, cfg) for mode in (False, "uncaptured"))
+    assert out_g == out_e and dec_g.trace == dec_e.trace
+    assert dec_g.engine.describe()["repeated_runs"] == 0 and not host_loops
 
 
 def test_without_device_loops_the_engine_says_why_once_and_repeats_from_the_host(tiny_model, monkeypatch, caplog):

@@ -205,7 +205,7 @@ def test_per_layer_periods_must_match_the_target_layers(tiny_model):
     assert LayerReuseConfig.coerce(config.to_dict()) == config
 
 
-# ------------------------------------------------------------------------------ decisions on the device
+# ------------------------------------------------------------------------------ decisions
 def _reference_decisions(config, sbs, targets, history):
     """The policies written out for one row, step by step in Python: `history` is [(sub, masked_now)]."""
     out, sub, step, stored_at, masked_at_store = [], None, 0, 0, 0
@@ -234,13 +234,12 @@ def _reference_decisions(config, sbs, targets, history):
     LayerReuseConfig(policy="unmask_drift", tolerance=0.3, layers=[1, 2]),
     LayerReuseConfig(policy="unmask_drift", tolerance=0.5, max_staleness=2, layers=[1, 2]),
 ], ids=lambda c: c.label)
-def test_device_decisions_equal_the_rule_written_out_per_row(config):
-    """Random walks through sub-blocks for 5 rows at once equal the per-row rule step by step."""
+def test_decisions_equal_the_rule_written_out_per_row(config):
+    """Random walks through sub-blocks for 5 rows at once equal the per-row rule step by step, and a
+    step-count policy's `ahead` foretells the decisions of the steps that follow in the sub-block."""
     import random
 
-    import torch
-
-    from dllm_generation.reuse_policy import ReuseSchedule, ReuseState
+    from dllm_generation.reuse_policy import ReuseSchedule, RowSchedule
 
     rng = random.Random(0)
     sbs, rows, steps = 8, 5, 40
@@ -253,27 +252,38 @@ def test_device_decisions_equal_the_rule_written_out_per_row(config):
             if masked <= 0:
                 sub, masked = sub + 1, sbs
         histories.append(history)
-    schedule = ReuseSchedule(config, sbs, 2, torch.device("cpu"))
-    state = ReuseState.fresh(rows, "cpu")
+    schedule = ReuseSchedule(config, sbs, 2)
+    states = [RowSchedule() for _ in range(rows)]
     got = [[] for _ in range(rows)]
+    foretold = [[] for _ in range(rows)]
     for t in range(steps):
-        sub = torch.tensor([h[t][0] for h in histories])
-        masked_now = torch.tensor([h[t][1] for h in histories])
-        decided = schedule.decide(state, sub, masked_now)
         for r in range(rows):
-            got[r].append(decided[r].tolist())
-        ReuseSchedule.record(state, decided, masked_now, torch.ones(rows, dtype=torch.bool))
+            sub, masked_now = histories[r][t]
+            decided = schedule.decide(states[r], sub, masked_now)
+            got[r].append(list(decided))
+            ahead = schedule.ahead(states[r])
+            foretold[r].append(None if ahead is None else [list(a) for a in ahead])
+            ReuseSchedule.record(states[r], decided, masked_now)
     for r in range(rows):
-        assert got[r] == _reference_decisions(config, sbs, 2, histories[r]), r
+        want = _reference_decisions(config, sbs, 2, histories[r])
+        assert got[r] == want, r
+        if config.policy == "unmask_drift":
+            assert all(a is None for a in foretold[r])
+            continue
+        for t, ahead in enumerate(foretold[r]):
+            assert ahead[0] == want[t]
+            same_sub = [i for i in range(1, sbs) if t + i < steps and histories[r][t + i][0] == histories[r][t][0]]
+            for i in same_sub:  # later steps of the same sub-block follow the cycle
+                assert ahead[i % len(ahead)] == want[t + i], (r, t, i)
     assert any(not all(c) for row in got for c in row)  # some recalls happened
 
 
 @pytest.mark.parametrize("path", [False, "uncaptured"])
 def test_no_policy_adds_a_device_read(tiny_model, monkeypatch, path):
-    """Reads from the device (`tolist`, `item`) per decode: one per denoising step plus a fixed few per
-    block, with or without a policy; the policies' decisions travel in the step's one read. Without
-    reuse, or with a schedule that always computes (k=1), a step may repeat (the graphed engine reads
-    its flag after each run when it repeats from the host), so those two are compared with each other."""
+    """Reads from the device (`tolist`, `item`) per decode: one per step the host plans, plus a fixed
+    few per block, with or without a policy. The graphed engine may chain steps that the decoder lets
+    repeat (no reuse, or a step-count schedule); the host plans the others, so reads minus planned
+    steps is one number for every schedule."""
     import torch
 
     reads = []
@@ -281,19 +291,15 @@ def test_no_policy_adds_a_device_read(tiny_model, monkeypatch, path):
         real = getattr(torch.Tensor, name)
         monkeypatch.setattr(torch.Tensor, name, lambda self, _real=real: reads.append(1) or _real(self))
     prompt = prompts_of([40], seed=12)
-    counts = {}
+    beyond, chained = {}, {}
     for label, reuse in (("none", None), ("k1", LayerReuseConfig(k=1, layers=[1, 2])),
                          ("fixed", LayerReuseConfig(k=2, layers=[1, 2])), ("drift", drift(0.5)),
                          ("per_layer", per_layer(2, 3))):
         reads.clear()
         _, stats = generate_new_tokens(tiny_model, prompt, use_block_cache=True, layer_reuse=reuse,
                                        fast_path=path, **KW)
-        counts[label] = (len(reads), stats["denoising_steps"], stats["commit_forwards"])
-    per_step = {label: (n - steps) for label, (n, steps, _) in counts.items()}
-    blocks = {label: commits for label, (_, _, commits) in counts.items()}
-    assert len(set(blocks.values())) == 1  # same number of blocks everywhere
-    assert per_step["none"] == per_step["k1"], counts
-    recalling = {per_step[label] for label in ("fixed", "drift", "per_layer")}
-    assert len(recalling) == 1, counts  # reads beyond one per step do not depend on the policy
-    if path is False:  # the eager engine never repeats: every schedule reads alike
-        assert recalling == {per_step["none"]}, counts
+        chained[label] = stats["fast_path"]["repeated_runs"] if path else 0
+        beyond[label] = len(reads) - (stats["denoising_steps"] - chained[label]), stats["commit_forwards"]
+    assert len(set(beyond.values())) == 1, beyond
+    if path:
+        assert chained["drift"] == 0 and min(chained[label] for label in ("none", "k1", "fixed", "per_layer")) > 0, chained

@@ -27,7 +27,7 @@ from .config import DiffusionSettings
 from .engines.base import Engine
 from .engines.eager import EagerEngine
 from .engines.plan import ForwardKind, ForwardPlan, LayerAction, Repeat, StepPlan, layer_actions, reuse_span
-from .reuse_policy import ReuseSchedule, ReuseState
+from .reuse_policy import ReuseSchedule, RowSchedule
 from .runner import LayerStackRunner
 
 
@@ -105,9 +105,11 @@ class BlockDiffusionDecoder:
         # Target layers in layer order; a row's per-layer decisions are tuples aligned with them.
         # k=1 has none: it never recalls, so it decodes exactly as no reuse.
         self.reuse_targets = settings.recalling_layers
-        self.schedule = (ReuseSchedule(settings.layer_reuse, settings.small_block_size, len(self.reuse_targets),
-                                       runner.device) if self.reuse_targets else None)
-        # Without a schedule nothing but the block's masks changes a plan, so a step may repeat.
+        self.schedule = (ReuseSchedule(settings.layer_reuse, settings.small_block_size, len(self.reuse_targets))
+                         if self.reuse_targets else None)
+        # Without a schedule nothing but the block's masks changes a plan, so a step may repeat; with
+        # one that decides by the step count alone, a step may repeat through its known cycle of
+        # decisions (`_repeat`).
         self.repeat = Repeat(block_rows_wait=settings.use_block_cache) if self.schedule is None else None
         # What each row's reuse entries hold, per target layer: (sub-block serial, first slot, end
         # slot). Known from the plans (the engines store exactly what was planned), so deciding
@@ -231,26 +233,16 @@ class BlockDiffusionDecoder:
         n_rows = block.shape[0]
         # A row already finished here got a stop token from the prefill or the commit forward as
         # this block's first token: it ends now, without denoising the rest of the block.
-        stopped_now = finished.clone()
-        stopped = stopped_now.tolist()
+        stopped = finished.tolist()
         sub_idx = [0] * n_rows
-        reuse_state = ReuseState.fresh(n_rows, block.device) if self.schedule is not None else None
+        schedules = [RowSchedule() for _ in range(n_rows)] if self.schedule is not None else None
         ready = [False] * n_rows  # the row's block K/V were computed by a whole-block forward
         while True:
             # The step's one read from the device: per row and sub-block, the masked slots and
-            # whether the sub-block's first slot is masked; with layer reuse, the policy's decisions.
+            # whether the sub-block's first slot is masked.
             masked = (block == s.mask_token_id).view(n_rows, nsb, sbs)
-            counts = masked.sum(-1)
-            parts = [counts, masked[:, :, 0].long()]
-            if reuse_state is not None:
-                has_masks = counts > 0
-                active = has_masks.any(-1) & ~stopped_now
-                current = has_masks.long().argmax(-1)  # the first sub-block with masks
-                masked_now = counts.gather(1, current[:, None])[:, 0]
-                planned = self.schedule.decide(reuse_state, current, masked_now)
-                parts.append(planned.long())
-            host = torch.cat(parts, dim=1).tolist()
-            decisions = {}
+            host = torch.cat([masked.sum(-1), masked[:, :, 0].long()], dim=1).tolist()
+            decisions, masked_now = {}, {}
             for r in range(n_rows):
                 if stopped[r]:
                     continue
@@ -262,47 +254,71 @@ class BlockDiffusionDecoder:
                 sub_idx[r] = cur
                 use_sub = s.use_block_cache and ready[r] and not host[r][nsb + cur]
                 kind = ForwardKind.SUB if use_sub else ForwardKind.BLOCK
-                computes = tuple(bool(c) for c in host[r][2 * nsb:])
+                computes = ()
+                if schedules is not None:
+                    masked_now[r] = host[r][cur]
+                    computes = self.schedule.decide(schedules[r], cur, masked_now[r])
                 decisions[r] = (kind, computes)
             if not decisions:
                 return
-            spans = self._spans(decisions, sub_idx, block_serial) if self.reuse_targets else {}
+            spans, repeat = {}, self.repeat
             if self.reuse_targets:
-                planned_host = dict(decisions)
+                spans = self._spans(decisions, sub_idx, block_serial)
+                planned = dict(decisions)
                 self._compute_where_uncovered(decisions, spans)
-                if decisions != planned_host:  # rare: tell the device which recalls became computes
-                    final = [list(decisions[r][1]) if r in decisions else [True] * len(self.reuse_targets)
-                             for r in range(n_rows)]
-                    planned = torch.tensor(final, dtype=torch.bool, device=block.device)
-            step = self._plan_step(decisions, sub_idx, spans)
+                repeat = self._repeat(decisions, schedules) if decisions == planned else None
+            step = self._plan_step(decisions, sub_idx)
             result = self.engine.denoise(step, block, pad, finished, want_unmasked=self.trace is not None,
-                                         repeat=self.repeat)
-            for run in range(result.runs):  # a step runs more than once only without a reuse schedule
+                                         repeat=repeat)
+            for run in range(result.runs):  # runs after the first exist only where `repeat` allowed them
+                run_step = step if run == 0 else self._with_actions(step, repeat.actions(run, step[0].actions))
                 if self.trace is not None:
-                    self._record(step, result.unmasked[run], block_serial, row_ids)
-                self._count_step(step)
-            if reuse_state is not None:
-                ReuseSchedule.record(reuse_state, planned, masked_now, active)
+                    self._record(run_step, result.unmasked[run], block_serial, row_ids)
+                self._count_step(run_step)
+                self._note_stores(run_step, spans)
+            if schedules is not None:
+                for r, (_, computes) in decisions.items():
+                    ReuseSchedule.record(schedules[r], computes, masked_now[r], result.runs)
             for r, (kind, _) in decisions.items():
                 if kind is ForwardKind.BLOCK:
                     ready[r] = True
 
-    def _plan_step(self, decisions, sub_idx, spans) -> StepPlan:
-        """Group rows by (kind, per-layer decisions): one `ForwardPlan` each, recalls first; note the
-        reuse entries each forward stores (`spans`: per row, sub-block serial and covered slots)."""
+    def _repeat(self, decisions, schedules) -> Repeat | None:
+        """Leave to chain the step through its rows' common cycle of decisions: given when the
+        schedule decides by the step count alone and every row of the step is at the same place in
+        it (one set of layer actions per run, so one pass per run). A recall later in the chain is
+        covered: by this step's check, or by an entry stored earlier in the chain for the same slots."""
+        cycles = {self.schedule.ahead(schedules[r]) for r in decisions}
+        if len(cycles) != 1 or None in cycles:
+            return None
+        num_layers = self.runner.num_layers
+        cycle = tuple(layer_actions(num_layers, self.reuse_targets, computes) for computes in cycles.pop())
+        return Repeat(block_rows_wait=self.settings.use_block_cache, cycle=cycle)
+
+    @staticmethod
+    def _with_actions(step: StepPlan, actions) -> StepPlan:
+        """A chained run of `step`: the same forwards with the run's layer actions."""
+        return tuple(ForwardPlan(kind=plan.kind, rows=plan.rows, subs=plan.subs, actions=actions) for plan in step)
+
+    def _plan_step(self, decisions, sub_idx) -> StepPlan:
+        """Group rows by (kind, per-layer decisions): one `ForwardPlan` each, recalls first."""
         groups = defaultdict(list)
         for r, key in decisions.items():
             groups[key].append(r)
         num_layers = self.runner.num_layers
-        step = []
-        for (kind, computes), rows in sorted(groups.items(), key=lambda item: (item[0][0].value, item[0][1])):
-            step.append(ForwardPlan(kind=kind, rows=tuple(rows), subs=tuple(sub_idx[r] for r in rows),
-                                    actions=layer_actions(num_layers, self.reuse_targets, computes)))
-            for r in rows:  # the entries this forward stores
-                for layer, compute in zip(self.reuse_targets, computes):
-                    if compute:
+        return tuple(ForwardPlan(kind=kind, rows=tuple(rows), subs=tuple(sub_idx[r] for r in rows),
+                                 actions=layer_actions(num_layers, self.reuse_targets, computes))
+                     for (kind, computes), rows in sorted(groups.items(), key=lambda item: (item[0][0].value, item[0][1])))
+
+    def _note_stores(self, step: StepPlan, spans) -> None:
+        """The reuse entries a run of `step` stored (`spans`: per row, sub-block serial and covered slots)."""
+        for plan in step:
+            if not plan.stores:
+                continue
+            for layer in self.reuse_targets:
+                if plan.actions[layer] is LayerAction.STORE:
+                    for r in plan.rows:
                         self.reuse_entries[r][layer] = spans[r]
-        return tuple(step)
 
     def _record(self, step: StepPlan, unmasked, block_serial, row_ids) -> None:
         sbs = self.settings.small_block_size

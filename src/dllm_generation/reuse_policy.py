@@ -1,10 +1,10 @@
-"""When a layer-reuse step computes each target layer and when it recalls it, per row, decided on the device.
+"""When a layer-reuse step computes each target layer and when it recalls it, per row.
 
 Every policy restarts at each sub-block, and step 0 of a sub-block always computes (nothing is
-stored for it yet). The decisions are tensor operations on the rows' schedule state, which lives on
-the device (`ReuseState`); they are computed from the block before the step and travel to the host
-in the step's one device-to-host read, together with the masked counts the decoder needs anyway. No
-policy adds a read, and every engine executes the decisions unchanged.
+stored for it yet). A policy needs only each row's sub-block and its masked count there, which the
+decoder's one device-to-host read per step brings anyway, so the decisions are integer arithmetic
+on the host: no policy adds a read or a device operation, and every engine executes the decisions
+unchanged.
 
 * `fixed`: compute at steps 0, k, 2k, ...
 * `unmask_drift`: a stored entry goes stale as tokens are unmasked (a masked slot's input changes
@@ -15,67 +15,78 @@ policy adds a read, and every engine executes the decisions unchanged.
   fixed policy with period k.
 * `per_layer`: target layer j computes at steps 0, layer_k[j], 2*layer_k[j], ... A depth-aware
   schedule (say, early layers refreshed more often than late ones).
+
+`fixed` and `per_layer` decide by the step count alone, so they can also say what the row's next
+steps will do (`ahead`): that lets an engine run a sub-block's steps one after another on the
+device, with no host round trip between them. `unmask_drift` depends on the tokens and cannot.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-import torch
+Decision = tuple[bool, ...]  # per target layer, in layer order: compute (True) or recall (False)
 
 
 @dataclass
-class ReuseState:
-    """Every row's place in its sub-block's schedule, as [rows] tensors on the decoding device."""
+class RowSchedule:
+    """One row's place in its sub-block's schedule."""
 
-    sub: torch.Tensor  # the sub-block the row's schedule belongs to (-1: none yet)
-    step: torch.Tensor  # denoising steps taken in that sub-block
-    stored_at: torch.Tensor  # the step whose forward stored every target layer's entry
-    masked_at_store: torch.Tensor  # masked slots of the sub-block at that step
-
-    @classmethod
-    def fresh(cls, rows: int, device) -> "ReuseState":
-        zeros = torch.zeros(rows, dtype=torch.long, device=device)
-        return cls(sub=torch.full_like(zeros, -1), step=zeros.clone(), stored_at=zeros.clone(),
-                   masked_at_store=zeros.clone())
+    sub: int = -1  # the sub-block the schedule belongs to (-1: none yet)
+    step: int = 0  # denoising steps taken in that sub-block
+    stored_at: int = 0  # the step whose forward stored every target layer's entry (unmask_drift)
+    masked_at_store: int = 0  # masked slots of the sub-block at that step (unmask_drift)
 
 
 class ReuseSchedule:
     """Decides, per row and target layer, compute (True) or recall (False) at the next step."""
 
-    def __init__(self, config, small_block_size: int, num_targets: int, device):
+    def __init__(self, config, small_block_size: int, num_targets: int):
         self.config = config
+        self.small_block_size = small_block_size
         self.num_targets = num_targets
-        periods = config.layer_k if config.policy == "per_layer" else [config.k] * num_targets
-        self.periods = torch.tensor(periods, dtype=torch.long, device=device)
+        self.periods = tuple(config.layer_k if config.policy == "per_layer" else [config.k] * num_targets)
+        self.by_step = config.policy != "unmask_drift"
+        # The decisions repeat with this period (steps); None where the tokens decide.
+        self.cycle = math.lcm(*self.periods) if self.by_step else None
         if config.policy == "unmask_drift":
             # share = unmasked / small_block_size > tolerance, as the smallest integer count that
-            # exceeds it (the comparison then needs no floating point on the device).
+            # exceeds it (no floating point comparison at the boundary).
             self.min_unmasked = next(n for n in range(small_block_size + 2) if n / small_block_size > config.tolerance)
 
-    def decide(self, state: ReuseState, sub: torch.Tensor, masked_now: torch.Tensor) -> torch.Tensor:
-        """[rows, targets] decisions for rows now in sub-block `sub` with `masked_now` masked slots
-        there; a row that entered another sub-block starts its schedule again."""
-        moved = sub != state.sub
-        state.sub = sub.clone()
-        state.step = torch.where(moved, torch.zeros_like(state.step), state.step)
-        first = (state.step == 0)[:, None]
-        if self.config.policy == "unmask_drift":
-            unmasked = state.masked_at_store - masked_now
-            due = unmasked >= self.min_unmasked
-            if self.config.max_staleness is not None:
-                due = due | (state.step - state.stored_at >= self.config.max_staleness)
-            due = due[:, None].expand(-1, self.num_targets)
-        else:
-            due = state.step[:, None] % self.periods[None, :] == 0
-        return due | first
+    def at_step(self, step: int) -> Decision:
+        """A step-count policy's decisions at `step` of a sub-block (step 0 is a multiple of every period)."""
+        return tuple(step % period == 0 for period in self.periods)
+
+    def decide(self, row: RowSchedule, sub: int, masked_now: int) -> Decision:
+        """Decisions for a row now in sub-block `sub` with `masked_now` masked slots there; a row
+        that entered another sub-block starts its schedule again."""
+        if sub != row.sub:
+            row.sub, row.step = sub, 0
+        if row.step == 0:
+            return (True,) * self.num_targets
+        if self.by_step:
+            return self.at_step(row.step)
+        due = row.masked_at_store - masked_now >= self.min_unmasked
+        if self.config.max_staleness is not None:
+            due = due or row.step - row.stored_at >= self.config.max_staleness
+        return (due,) * self.num_targets
+
+    def ahead(self, row: RowSchedule) -> tuple[Decision, ...] | None:
+        """The decisions of the row's current step and of the steps after it, one period's worth
+        (at most a sub-block's steps), or None where they depend on the tokens. Run i of a chain
+        of steps uses entry i % len."""
+        if not self.by_step:
+            return None
+        return tuple(self.at_step(row.step + i) for i in range(min(self.cycle, self.small_block_size)))
 
     @staticmethod
-    def record(state: ReuseState, computed: torch.Tensor, masked_now: torch.Tensor, active: torch.Tensor) -> None:
-        """After the step ran with the final decisions `computed` (an uncovered recall may have
-        become a compute). The drift policy's entry age counts from the last step that computed
-        every target layer; rows that did not step (`active` False) keep their state."""
-        stored = computed.all(dim=-1) & active
-        state.stored_at = torch.where(stored, state.step, state.stored_at)
-        state.masked_at_store = torch.where(stored, masked_now, state.masked_at_store)
-        state.step = state.step + active.long()
+    def record(row: RowSchedule, computed: Decision, masked_now: int, runs: int = 1) -> None:
+        """After the row's step ran with the final decisions `computed` (an uncovered recall may
+        have become a compute), `runs` times in a chain (only step-count policies chain, and they
+        read nothing but the step count). The drift policy's entry age counts from the last step
+        that computed every target layer."""
+        if all(computed):
+            row.stored_at, row.masked_at_store = row.step, masked_now
+        row.step += runs

@@ -1,8 +1,9 @@
 """The CUDA graphs of the graphed engine's passes, and the device loops built around them.
 
 A pass shape (`PassKey`) is captured after its first, uncaptured run and replayed from then on;
-beyond `MAX_GRAPHS` the least recently replayed one is dropped. A pass that may repeat keeps its
-graph (`keep_graph=True`) so that a device loop (`device_loop.py`) can hold it as its body.
+beyond `MAX_GRAPHS` the least recently replayed one is dropped, with any device loop that holds
+it. A pass that may repeat keeps its graph (`keep_graph=True`) so that a device loop
+(`device_loop.py`) can hold it in its body; a loop is keyed by the passes it runs in turn.
 Capturing and looping are optimisations: a failure frees what was taken, is logged once with its
 reason, and passes then run uncaptured (or repeat from the host).
 """
@@ -28,7 +29,7 @@ class CapturedPasses:
 
     def __init__(self):
         self.graphs: "OrderedDict[Hashable, torch.cuda.CUDAGraph]" = OrderedDict()
-        self.loops: dict[Hashable, DeviceLoop] = {}
+        self.loops: dict[tuple[Hashable, ...], DeviceLoop] = {}
         self.pool = None
         self.captures = 0
         self.capture_seconds = 0.0
@@ -55,9 +56,8 @@ class CapturedPasses:
             return
         while len(self.graphs) >= MAX_GRAPHS:
             dropped, _ = self.graphs.popitem(last=False)
-            loop = self.loops.pop(dropped, None)
-            if loop is not None:
-                loop.close()
+            for keys in [keys for keys in self.loops if dropped in keys]:
+                self.loops.pop(keys).close()
             self.evictions += 1
         t0 = time.perf_counter()
         try:
@@ -84,25 +84,27 @@ class CapturedPasses:
         self.captures += 1
         self.capture_seconds += time.perf_counter() - t0
 
-    def launch_loop(self, key) -> bool:
-        """Run the key's device loop; False if there is none."""
-        loop = self.loops.get(key)
+    def launch_loop(self, keys: tuple) -> bool:
+        """Run the device loop through the passes `keys`; False if there is none."""
+        loop = self.loops.get(keys)
         if loop is None:
             return False
         loop.launch()
         self.loop_launches += 1
-        self.graphs.move_to_end(key)
+        for key in keys:
+            self.graphs.move_to_end(key)
         return True
 
-    def add_loop(self, key, flag: torch.Tensor, device: torch.device) -> None:
-        """Build a device loop around the key's captured graph, repeating it while `flag` holds."""
-        graph = self.graphs.get(key)
-        if graph is None or self.loop_failure is not None:
+    def add_loop(self, keys: tuple, flag: torch.Tensor, device: torch.device) -> None:
+        """Build a device loop that runs the captured passes `keys` in turn while `flag` holds
+        (nothing until every one of them is captured)."""
+        graphs = [self.graphs.get(key) for key in keys]
+        if None in graphs or self.loop_failure is not None:
             return
         reason = loop_support(device)
         if reason is None:
             try:
-                self.loops[key] = DeviceLoop(graph, flag)
+                self.loops[keys] = DeviceLoop(graphs, flag)
                 return
             except Exception as err:  # an optimisation: repeat from the host instead
                 reason = f"{type(err).__name__}: {str(err)[:300]}"

@@ -1,14 +1,16 @@
-"""A captured pass repeated on the GPU: a CUDA graph WHILE node around it.
+"""Captured passes repeated on the GPU: a CUDA graph WHILE node around them.
 
 When the decoder allows a step to repeat (`plan.Repeat`), the pass itself computes whether it
 would be planned again (`rules.step_repeats`) into a one-element flag. A WHILE node runs the pass
 again while that flag holds, so the steps of a sub-block follow each other on the device: no
-device-to-host read, no planning and no launch between them.
+device-to-host read, no planning and no launch between them. A step whose layer-reuse schedule
+cycles through several passes (compute, recall, compute, ...) runs them in turn: the loop's body
+is the first pass, then an IF node that runs the second only if the flag still holds, and so on.
 
 torch (2.11) does not expose conditional graph nodes, so the loop is assembled with NVIDIA's
-`cuda-bindings` (the `gpu` extra): an outer graph holds one WHILE node whose body is the captured
-pass, as a child graph, followed by a one-thread kernel that copies the flag into the loop's
-condition (`cudaGraphSetConditional`, compiled once per process with NVRTC). Whatever is missing
+`cuda-bindings` (the `gpu` extra): an outer graph holds one WHILE node whose body holds each
+captured pass as a child graph, each followed by one-thread kernels that copy the flag into the
+conditions (`cudaGraphSetConditional`, compiled once per process with NVRTC). Whatever is missing
 (the package, NVRTC, a driver before CUDA 12.4) becomes a reason that `loop_support` returns, and
 the engine then repeats the step from the host.
 """
@@ -127,45 +129,65 @@ def _loop_support(device_index: int) -> str | None:
 
 
 class DeviceLoop:
-    """`graph` (captured with keep_graph=True) repeated while `flag` [1] bool, which it writes, holds.
-    `launch` runs it at least once, on the current stream."""
+    """`graphs` (captured with keep_graph=True) run in turn, repeating, while `flag` [1] bool, which
+    each of them writes, holds. `launch` runs the first at least once, on the current stream."""
 
-    def __init__(self, graph: torch.cuda.CUDAGraph, flag: torch.Tensor):
+    def __init__(self, graphs, flag: torch.Tensor):
         from cuda.bindings import driver, runtime
 
-        self._runtime = runtime
-        self._graph = graph  # the pass's memory pool lives as long as it does
+        self._runtime, self._driver = runtime, driver
+        self._graphs = list(graphs)  # the passes' memory pool lives as long as they do
         self._flag = flag
         self._outer = self._exec = None
-        _, function = _condition_kernel(_device_index(flag.device))
+        self._arguments = []  # kernel-node argument buffers, alive as long as the graph
+        _, self._function = _condition_kernel(_device_index(flag.device))
         try:
             self._outer = _check(runtime.cudaGraphCreate(0))
-            # The condition starts at 1 on every launch: the first run needs no flag.
-            handle = _check(runtime.cudaGraphConditionalHandleCreate(
-                self._outer, 1, getattr(runtime, "cudaGraphCondAssignDefault", 1)))
-            params = runtime.cudaGraphNodeParams()
-            params.type = runtime.cudaGraphNodeType.cudaGraphNodeTypeConditional
-            params.conditional.handle = handle
-            params.conditional.type = runtime.cudaGraphConditionalNodeType.cudaGraphCondTypeWhile
-            params.conditional.size = 1
-            _check(runtime.cudaGraphAddNode(self._outer, None, None, 0, params))
-            body = params.conditional.phGraph_out[0]
-            child = _check(runtime.cudaGraphAddChildGraphNode(
-                body, None, 0, runtime.cudaGraph_t(init_value=graph.raw_cuda_graph())))
-            arguments = [np.array([int(handle)], dtype=np.uint64), np.array([flag.data_ptr()], dtype=np.uint64)]
-            self._argument_pointers = np.array([a.ctypes.data for a in arguments], dtype=np.uint64)
-            self._arguments = arguments
-            kernel = driver.CUDA_KERNEL_NODE_PARAMS()
-            kernel.func = function
-            kernel.gridDimX = kernel.gridDimY = kernel.gridDimZ = 1
-            kernel.blockDimX = kernel.blockDimY = kernel.blockDimZ = 1
-            kernel.sharedMemBytes = 0
-            kernel.kernelParams = self._argument_pointers.ctypes.data
-            _check(driver.cuGraphAddKernelNode(driver.CUgraph(int(body)), [driver.CUgraphNode(int(child))], 1, kernel))
+            # The loop's condition starts at 1 on every launch: the first run needs no flag.
+            loop = self._handle(1)
+            body = self._conditional(self._outer, None, loop, runtime.cudaGraphConditionalNodeType.cudaGraphCondTypeWhile)
+            for i, graph in enumerate(self._graphs):  # each pass opens its body graph (the loop's, or an IF's)
+                node = _check(runtime.cudaGraphAddChildGraphNode(
+                    body, None, 0, runtime.cudaGraph_t(init_value=graph.raw_cuda_graph())))
+                after = self._set_condition(body, node, loop)
+                if i + 1 < len(self._graphs):  # the next pass runs only while the flag still holds
+                    then = self._handle(0)
+                    after = self._set_condition(body, after, then)
+                    body = self._conditional(body, after, then, runtime.cudaGraphConditionalNodeType.cudaGraphCondTypeIf)
             self._exec = _check(runtime.cudaGraphInstantiate(self._outer, 0))
         except Exception:
             self.close(wait=False)
             raise
+
+    def _handle(self, default: int):
+        runtime = self._runtime
+        return _check(runtime.cudaGraphConditionalHandleCreate(
+            self._outer, default, getattr(runtime, "cudaGraphCondAssignDefault", 1)))
+
+    def _conditional(self, graph, after, handle, kind):
+        """Add a conditional node of `kind` to `graph` (after node `after`); return its body graph."""
+        params = self._runtime.cudaGraphNodeParams()
+        params.type = self._runtime.cudaGraphNodeType.cudaGraphNodeTypeConditional
+        params.conditional.handle = handle
+        params.conditional.type = kind
+        params.conditional.size = 1
+        deps = None if after is None else [self._runtime.cudaGraphNode_t(init_value=int(after))]
+        _check(self._runtime.cudaGraphAddNode(graph, deps, None, 0 if after is None else 1, params))
+        return params.conditional.phGraph_out[0]
+
+    def _set_condition(self, graph, after, handle):
+        """Add, after node `after`, the kernel that sets `handle` from the flag; return the node."""
+        driver = self._driver
+        arguments = [np.array([int(handle)], dtype=np.uint64), np.array([self._flag.data_ptr()], dtype=np.uint64)]
+        pointers = np.array([a.ctypes.data for a in arguments], dtype=np.uint64)
+        self._arguments.append((arguments, pointers))
+        kernel = driver.CUDA_KERNEL_NODE_PARAMS()
+        kernel.func = self._function
+        kernel.gridDimX = kernel.gridDimY = kernel.gridDimZ = 1
+        kernel.blockDimX = kernel.blockDimY = kernel.blockDimZ = 1
+        kernel.sharedMemBytes = 0
+        kernel.kernelParams = pointers.ctypes.data
+        return _check(driver.cuGraphAddKernelNode(driver.CUgraph(int(graph)), [driver.CUgraphNode(int(after))], 1, kernel))
 
     def launch(self) -> None:
         stream = torch.cuda.current_stream(self._flag.device).cuda_stream

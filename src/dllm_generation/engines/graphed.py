@@ -14,7 +14,8 @@ the same modules, but:
   does the real work, and replayed, so a step costs one small host->device copy and one replay;
 * **repeated steps on the device** (`device_loop.py`): a step the decoder allows to repeat
   (`plan.Repeat`) computes in its own graph whether it would be planned again, and a CUDA graph
-  WHILE node runs it again while so; the host reads once per chain;
+  WHILE node runs it again while so (through the passes of its layer-reuse cycle, if it has one);
+  the host reads once per chain;
 * by default (`fast_path="compile"`, or `None`) `torch.compile` fuses each layer's element-wise
   work; `fast_path="graphs"` runs the same passes uncompiled.
 
@@ -158,20 +159,21 @@ class GraphedEngine(Engine):
         if self.capture:
             self.captured.capture(key, lambda: self._pass(key), keep=key.repeat)
 
-    def _run_repeated(self, key: PassKey) -> int:
-        """Run a repeatable pass until `rules.step_repeats` fails; return how many runs it took.
+    def _run_repeated(self, keys: tuple[PassKey, ...]) -> int:
+        """Run a repeatable step until `rules.step_repeats` fails, run i as pass `keys[i % len]`;
+        return how many runs it took.
 
-        With a device loop the GPU repeats it; otherwise (first use, no captured graph, or no
+        With a device loop the GPU repeats it; otherwise (first use, a pass not yet captured, or no
         device loops here) the host reads the pass's flag after each run."""
-        if self.captured.launch_loop(key):
+        if self.captured.launch_loop(keys):
             runs = int(self.store.fields["runs"].item())
         else:
             runs = 1
-            self._run(key)
+            self._run(keys[0])
             while bool(self.store.again):
-                self._run(key)
+                self._run(keys[runs % len(keys)])
                 runs += 1
-            self.captured.add_loop(key, self.store.again, self.store.device)
+            self.captured.add_loop(keys, self.store.again, self.store.device)
         self.repeated_runs += runs - 1
         return runs
 
@@ -227,11 +229,12 @@ class GraphedEngine(Engine):
                 values["hold"] = np.asarray([h for p in plans for h in repeat.hold_first(p)], dtype=np.int64)
                 values["runs"] = np.zeros(1, dtype=np.int64)
             st.upload(values)
-            key = self._key(rb, rs, actions, False, n_rows, ordered, repeats)
             if repeats:
-                runs = self._run_repeated(key)
+                cycle = repeat.cycle or (actions,)
+                runs = self._run_repeated(tuple(self._key(rb, rs, run_actions, False, n_rows, ordered, True)
+                                                for run_actions in cycle))
             else:
-                self._run(key)
+                self._run(self._key(rb, rs, actions, False, n_rows, ordered))
             if want_unmasked:
                 result = st.unmask_runs[:runs, : rb + rs].clone() if repeats else st.unmask[None, : rb + rs].clone()
                 if block_plan is not None:

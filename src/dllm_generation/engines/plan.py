@@ -67,19 +67,26 @@ StepPlan = tuple[ForwardPlan, ...]
 
 @dataclass(frozen=True)
 class Repeat:
-    """The decoder's leave to run a step again, unchanged, while `rules.step_repeats` holds.
+    """The decoder's leave to run a step again while `rules.step_repeats` holds.
 
-    It is given when nothing but the block's masks could change the next plan (no layer-reuse
-    schedule that would switch a layer between compute and recall), so an engine may chain the runs
-    on the device and the host reads once per chain instead of once per step. Each run unmasks at
-    least one slot of every row's sub-block, so a chain never runs more than a sub-block's size.
+    It is given when nothing but the block's masks could change the next plan, so an engine may
+    chain the runs on the device and the host reads once per chain instead of once per step. Without
+    layer reuse every run repeats the step unchanged. With a schedule that decides by the step count
+    alone, the layer actions change from run to run in a known order (`cycle`: run i takes
+    `cycle[i % len(cycle)]`, and `cycle[0]` is the step's own). Each run unmasks at least one slot of
+    every row's sub-block, so a chain never runs more than a sub-block's size.
     """
 
     block_rows_wait: bool  # whole-block rows stay whole-block only while their sub-block's first slot is masked
+    cycle: tuple[tuple[LayerAction, ...], ...] = ()  # per-run layer actions; empty: the step's own every run
 
     def hold_first(self, plan: ForwardPlan) -> list[bool]:
         """Per row of `plan`: does its kind depend on its sub-block's first slot staying masked?"""
         return [plan.kind is ForwardKind.BLOCK and self.block_rows_wait] * len(plan.rows)
+
+    def actions(self, run: int, step_actions: tuple[LayerAction, ...]) -> tuple[LayerAction, ...]:
+        """The layer actions of run `run` of a step whose own actions are `step_actions`."""
+        return self.cycle[run % len(self.cycle)] if self.cycle else step_actions
 
 
 @dataclass
