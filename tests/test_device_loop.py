@@ -138,3 +138,42 @@ def test_loop_support_gives_a_one_line_reason_where_loops_cannot_run():
     """On a device without CUDA graphs: a reason, not an error."""
     reason = loop_support(torch.device("cpu"))
     assert reason == "device loops need a CUDA device (got cpu)"
+
+
+@pytest.mark.parametrize("reuse", [None, LayerReuseConfig(k=2, layers=[1, 2]),
+                                   LayerReuseConfig(policy="unmask_drift", tolerance=0.3, layers=[1, 2])],
+                         ids=lambda c: "none" if c is None else c.label)
+def test_chains_are_offered_only_where_a_second_run_can_happen(tiny_model, monkeypatch, reuse):
+    """The decoder's leave to repeat (plan.Repeat), seen at the engine: never for a step with a row on
+    its sub-block's last masked slot (its first run surely ends the chain), never for unmask_drift;
+    with k=2 the cycle alternates compute and recall, starting with the step's own actions."""
+    from dllm_generation.engines.eager import EagerEngine
+    from dllm_generation.engines.plan import LayerAction
+
+    offered, refused_single = [], []
+    real = EagerEngine.denoise
+
+    def denoise(self, step, block, pad, finished, *, want_unmasked=False, repeat=None):
+        masked = [int((block[r, p.subs[i] * 8:(p.subs[i] + 1) * 8] == self.settings.mask_token_id).sum())
+                  for p in step for i, r in enumerate(p.rows)]
+        if repeat is not None:
+            offered.append((step, repeat, masked))
+        elif min(masked) == 1:
+            refused_single.append(step)
+        return real(self, step, block, pad, finished, want_unmasked=want_unmasked, repeat=repeat)
+
+    monkeypatch.setattr(EagerEngine, "denoise", denoise)
+    cfg = dict(max_new_tokens=64, layer_reuse=reuse, **BASE)
+    _decode(tiny_model, prompts_of([40], seed=5), False, cfg)
+    assert refused_single
+    if reuse is not None and reuse.policy == "unmask_drift":
+        assert not offered
+        return
+    assert offered and all(min(masked) >= 2 for _, _, masked in offered)
+    for step, repeat, _ in offered:
+        if reuse is None:
+            assert repeat.cycle == ()
+            continue
+        assert len(repeat.cycle) == 2 and repeat.cycle[0] == step[0].actions
+        recalls = [LayerAction.RECALL in actions for actions in repeat.cycle]
+        assert sorted(recalls) == [False, True]

@@ -92,6 +92,11 @@ def plan_layout(lengths: list[int], block_size: int, max_new_tokens: int) -> Row
 class BlockDiffusionDecoder:
     """Decodes a batch of unpadded prompts; see the module docstring."""
 
+    # A run unmasks at least one slot per row, so a row with one masked slot left ends any chain
+    # after this run: only steps whose rows all have this many masked slots are offered as chains
+    # (a chain's launch costs the engine a read of its run count).
+    chain_min_masked = 2
+
     def __init__(self, runner: LayerStackRunner, settings: DiffusionSettings, *, engine: Engine | None = None,
                  generator: torch.Generator | None = None,
                  on_block: Callable[[int, list[int]], None] | None = None, trace: bool = False):
@@ -115,6 +120,7 @@ class BlockDiffusionDecoder:
         # slot). Known from the plans (the engines store exactly what was planned), so deciding
         # whether a recall is possible needs no read from the device.
         self.reuse_entries: list[dict[int, tuple[int, int, int]]] = []
+        self._repeats: dict[int, Repeat] = {}  # a step-count schedule's chains, by place in its cycle
         self.stop_ids = torch.tensor(settings.eos_token_ids or [-1], device=runner.device)
 
     # -- counters -------------------------------------------------------------------------------
@@ -261,12 +267,13 @@ class BlockDiffusionDecoder:
                 decisions[r] = (kind, computes)
             if not decisions:
                 return
-            spans, repeat = {}, self.repeat
+            may_repeat = all(host[r][sub_idx[r]] >= self.chain_min_masked for r in decisions)
+            spans, repeat = {}, self.repeat if may_repeat else None
             if self.reuse_targets:
                 spans = self._spans(decisions, sub_idx, block_serial)
                 planned = dict(decisions)
                 self._compute_where_uncovered(decisions, spans)
-                repeat = self._repeat(decisions, schedules) if decisions == planned else None
+                repeat = self._repeat(decisions, schedules) if may_repeat and decisions == planned else None
             step = self._plan_step(decisions, sub_idx)
             result = self.engine.denoise(step, block, pad, finished, want_unmasked=self.trace is not None,
                                          repeat=repeat)
@@ -288,12 +295,16 @@ class BlockDiffusionDecoder:
         schedule decides by the step count alone and every row of the step is at the same place in
         it (one set of layer actions per run, so one pass per run). A recall later in the chain is
         covered: by this step's check, or by an entry stored earlier in the chain for the same slots."""
-        cycles = {self.schedule.ahead(schedules[r]) for r in decisions}
-        if len(cycles) != 1 or None in cycles:
+        period = self.schedule.cycle
+        if period is None or len({schedules[r].step % period for r in decisions}) != 1:
             return None
-        num_layers = self.runner.num_layers
-        cycle = tuple(layer_actions(num_layers, self.reuse_targets, computes) for computes in cycles.pop())
-        return Repeat(block_rows_wait=self.settings.use_block_cache, cycle=cycle)
+        key = schedules[next(iter(decisions))].step % period
+        repeat = self._repeats.get(key)
+        if repeat is None:  # one per place in the cycle, made once per decode
+            ahead = self.schedule.ahead(RowSchedule(step=key))
+            cycle = tuple(layer_actions(self.runner.num_layers, self.reuse_targets, computes) for computes in ahead)
+            repeat = self._repeats[key] = Repeat(block_rows_wait=self.settings.use_block_cache, cycle=cycle)
+        return repeat
 
     @staticmethod
     def _with_actions(step: StepPlan, actions) -> StepPlan:
