@@ -177,3 +177,28 @@ def test_chains_are_offered_only_where_a_second_run_can_happen(tiny_model, monke
         assert len(repeat.cycle) == 2 and repeat.cycle[0] == step[0].actions
         recalls = [LayerAction.RECALL in actions for actions in repeat.cycle]
         assert sorted(recalls) == [False, True]
+
+
+def test_dropping_a_graph_closes_every_loop_that_holds_it(monkeypatch):
+    """Beyond MAX_GRAPHS the least recently replayed pass is dropped, and with it each device loop
+    whose body runs it (a cycle's loop holds several passes); loops without it stay."""
+
+    class Loop:
+        def __init__(self):
+            self.closed = False
+
+        def close(self, wait=True):
+            self.closed = True
+
+    passes = captured.CapturedPasses()
+    monkeypatch.setattr(captured, "MAX_GRAPHS", 3)
+    monkeypatch.setattr(captured.torch.cuda, "synchronize", lambda *args, **kwargs: None)  # no CUDA here
+    for key in ("a", "b", "c"):
+        passes.graphs[key] = PassAsGraph(lambda: None)
+    loops = {("a", "b"): Loop(), ("b", "a"): Loop(), ("b", "c"): Loop(), ("c",): Loop()}
+    passes.loops.update(loops)
+    passes.graphs.move_to_end("a")  # "b" is now the least recently replayed
+    passes.capture("d", lambda: None, keep=False)  # evicts before capturing (which fails without CUDA here)
+    assert list(passes.graphs) == ["c", "a"] and passes.evictions == 1
+    assert set(passes.loops) == {("c",)}
+    assert [keys for keys, loop in loops.items() if loop.closed] == [("a", "b"), ("b", "a"), ("b", "c")]
