@@ -81,6 +81,7 @@ class Engine:
     def denoise(self, step: StepPlan, block: torch.Tensor, pad: torch.Tensor, finished: torch.Tensor,
                 *, want_unmasked: bool = False, repeat: Repeat | None = None) -> StepRuns:
         """Run one denoising step, updating `block` and `finished` in place; with `repeat`, the
-        engine may run it again while `rules.step_repeats` holds. With `want_unmasked`, the result
-        keeps each run's masks of the slots it unmasked (for traces)."""
+        engine may run it again while `rules.step_repeats` holds, run i with the layer actions
+        `repeat.actions(i, ...)`. With `want_unmasked`, the result keeps each run's masks of the
+        slots it unmasked (for traces)."""
         raise NotImplementedError
