@@ -261,7 +261,7 @@ def test_decisions_equal_the_rule_written_out_per_row(config):
             sub, masked_now = histories[r][t]
             decided = schedule.decide(states[r], sub, masked_now)
             got[r].append(list(decided))
-            ahead = schedule.ahead(states[r])
+            ahead = schedule.ahead(states[r].step)
             foretold[r].append(None if ahead is None else [list(a) for a in ahead])
             ReuseSchedule.record(states[r], decided, masked_now)
     for r in range(rows):

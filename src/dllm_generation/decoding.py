@@ -260,14 +260,12 @@ class BlockDiffusionDecoder:
                 sub_idx[r] = cur
                 use_sub = s.use_block_cache and ready[r] and not host[r][nsb + cur]
                 kind = ForwardKind.SUB if use_sub else ForwardKind.BLOCK
-                computes = ()
-                if schedules is not None:
-                    masked_now[r] = host[r][cur]
-                    computes = self.schedule.decide(schedules[r], cur, masked_now[r])
+                masked_now[r] = host[r][cur]
+                computes = self.schedule.decide(schedules[r], cur, masked_now[r]) if schedules is not None else ()
                 decisions[r] = (kind, computes)
             if not decisions:
                 return
-            may_repeat = all(host[r][sub_idx[r]] >= self.chain_min_masked for r in decisions)
+            may_repeat = min(masked_now.values()) >= self.chain_min_masked
             spans, repeat = {}, self.repeat if may_repeat else None
             if self.reuse_targets:
                 spans = self._spans(decisions, sub_idx, block_serial)
@@ -295,15 +293,18 @@ class BlockDiffusionDecoder:
         schedule decides by the step count alone and every row of the step is at the same place in
         it (one set of layer actions per run, so one pass per run). A recall later in the chain is
         covered: by this step's check, or by an entry stored earlier in the chain for the same slots."""
-        period = self.schedule.cycle
-        if period is None or len({schedules[r].step % period for r in decisions}) != 1:
+        period = self.schedule.period
+        if period is None:
             return None
-        key = schedules[next(iter(decisions))].step % period
-        repeat = self._repeats.get(key)
+        places = {schedules[r].step % period for r in decisions}
+        if len(places) != 1:
+            return None
+        place = places.pop()
+        repeat = self._repeats.get(place)
         if repeat is None:  # one per place in the cycle, made once per decode
-            ahead = self.schedule.ahead(RowSchedule(step=key))
-            cycle = tuple(layer_actions(self.runner.num_layers, self.reuse_targets, computes) for computes in ahead)
-            repeat = self._repeats[key] = Repeat(block_rows_wait=self.settings.use_block_cache, cycle=cycle)
+            cycle = tuple(layer_actions(self.runner.num_layers, self.reuse_targets, computes)
+                          for computes in self.schedule.ahead(place))
+            repeat = self._repeats[place] = Repeat(block_rows_wait=self.settings.use_block_cache, cycle=cycle)
         return repeat
 
     @staticmethod

@@ -49,7 +49,7 @@ class ReuseSchedule:
         self.periods = tuple(config.layer_k if config.policy == "per_layer" else [config.k] * num_targets)
         self.by_step = config.policy != "unmask_drift"
         # The decisions repeat with this period (steps); None where the tokens decide.
-        self.cycle = math.lcm(*self.periods) if self.by_step else None
+        self.period = math.lcm(*self.periods) if self.by_step else None
         if config.policy == "unmask_drift":
             # share = unmasked / small_block_size > tolerance, as the smallest integer count that
             # exceeds it (no floating point comparison at the boundary).
@@ -73,13 +73,13 @@ class ReuseSchedule:
             due = due or row.step - row.stored_at >= self.config.max_staleness
         return (due,) * self.num_targets
 
-    def ahead(self, row: RowSchedule) -> tuple[Decision, ...] | None:
-        """The decisions of the row's current step and of the steps after it, one period's worth
+    def ahead(self, step: int) -> tuple[Decision, ...] | None:
+        """The decisions of step `step` of a sub-block and of the steps after it, one period's worth
         (at most a sub-block's steps), or None where they depend on the tokens. Run i of a chain
         of steps uses entry i % len."""
         if not self.by_step:
             return None
-        return tuple(self.at_step(row.step + i) for i in range(min(self.cycle, self.small_block_size)))
+        return tuple(self.at_step(step + i) for i in range(min(self.period, self.small_block_size)))
 
     @staticmethod
     def record(row: RowSchedule, computed: Decision, masked_now: int, runs: int = 1) -> None:
