@@ -71,6 +71,25 @@ def test_each_layer_function_compiles_once_for_every_pass_size(tiny_model):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
 
 
+@pytest.mark.slow
+def test_the_layer_functions_compile_once_for_batch_1_and_then_larger_batches(tiny_model):
+    """A batch-1 pass has one row and as many tokens as query slots (8 or 32). Were any of the sizes
+    that vary between passes (tokens, rows x heads of the attention's layout, query slots) compiled
+    as fixed, the first larger batch (rows of both kinds in one pass) would compile every layer
+    function again. (The engine's buffers are sized for the larger batch from the start: growing
+    them is a new shape of their own.)"""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    batches = ([40], [5, 40, 70])
+    runner, settings, _, _, engine = _plain_decode_and_engine(tiny_model, batches[1], 7, compile_layers=True)
+    for seed, lengths in enumerate(batches):
+        prompts = prompts_of(lengths, seed=seed)
+        want = BlockDiffusionDecoder(runner, settings).decode(prompts)
+        assert BlockDiffusionDecoder(runner, settings, engine=engine).decode(prompts) == want
+        assert engine.describe()["compile_failure"] is None
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+
+
 def test_a_compile_failure_on_a_later_pass_shape_falls_back_to_the_plain_functions(tiny_model, caplog):
     """torch.compile recompiles the layer functions for a new pass shape (and can fail then, e.g. at
     its recompile limit): that pass and every later one run the plain functions, with the same tokens."""

@@ -113,7 +113,7 @@ class GraphedEngine(Engine):
         if dev.type == "cuda":
             torch.cuda.empty_cache()
         self.store = StaticStore(num_layers=r.num_layers, rows=rows, capacity=cap, block_size=s.block_size,
-                                 small_block_size=s.small_block_size, kv_heads=p.n_kv, head_dim=p.head_dim,
+                                 small_block_size=s.small_block_size, heads=p.n_heads, kv_heads=p.n_kv, head_dim=p.head_dim,
                                  hidden=p.hidden, dtype=dtype, device=dev)
 
     def start(self, batch: int, capacity: int) -> None:
@@ -178,10 +178,10 @@ class GraphedEngine(Engine):
         return runs
 
     # -- the decoder's requests ------------------------------------------------------------------
-    def _key(self, rb, rs, actions, commit, span, ordered, repeat=False) -> PassKey:
+    def _key(self, rb, rs, actions, commit, span, repeat=False) -> PassKey:
         s = self.settings
         residual = self.residual_reuse and any(action is not LayerAction.RUN for action in actions)
-        return PassKey(rb, rs, actions, residual, commit, span, ordered, float(s.threshold),
+        return PassKey(rb, rs, actions, residual, commit, span, float(s.threshold),
                        int(s.mask_token_id), repeat)
 
     def _load_state(self, block, pad, finished) -> None:
@@ -217,24 +217,22 @@ class GraphedEngine(Engine):
             rows_T = np.concatenate([np.repeat(rows_np[:rb], bs), np.repeat(rows_np[rb:], sbs)])
             bslot_T = np.concatenate([np.tile(np.arange(bs, dtype=np.int64), rb),
                                       (tok_start[rb:, None] + np.arange(sbs, dtype=np.int64)).reshape(-1)])
-            values = {"rows_T": rows_T, "bslot_T": bslot_T, "rows_R": rows_np, "sub_start": sub_start,
-                      "tok_start": tok_start, "P": np.asarray([self.cache.prefix_len], dtype=np.int64)}
-            # Tokens already in attention order (rows 0..n-1, one kind) need no scatter; otherwise each
-            # token's slot among its row's queries: its block slot, or without whole-block rows its
-            # slot in the sub-block.
-            ordered = (rb == 0 or rs == 0) and rows_np.tolist() == list(range(n_rows))
-            if not ordered:
-                values["qslot_T"] = bslot_T if rb else np.tile(np.arange(sbs, dtype=np.int64), rs)
+            # Each token's slot among its row's queries: its block slot, or, in a pass without
+            # whole-block rows, its slot in the sub-block.
+            qslot_T = bslot_T if rb else np.tile(np.arange(sbs, dtype=np.int64), rs)
+            values = {"rows_T": rows_T, "bslot_T": bslot_T, "qslot_T": qslot_T, "rows_R": rows_np,
+                      "sub_start": sub_start, "tok_start": tok_start,
+                      "P": np.asarray([self.cache.prefix_len], dtype=np.int64)}
             if repeats:
                 values["hold"] = np.asarray([h for p in plans for h in repeat.hold_first(p)], dtype=np.int64)
                 values["runs"] = np.zeros(1, dtype=np.int64)
             st.upload(values)
             if repeats:
                 cycle = repeat.cycle or (actions,)
-                runs = self._run_repeated(tuple(self._key(rb, rs, run_actions, False, n_rows, ordered, True)
+                runs = self._run_repeated(tuple(self._key(rb, rs, run_actions, False, n_rows, True)
                                                 for run_actions in cycle))
             else:
-                self._run(self._key(rb, rs, actions, False, n_rows, ordered))
+                self._run(self._key(rb, rs, actions, False, n_rows))
             if want_unmasked:
                 result = st.unmask_runs[:runs, : rb + rs].clone() if repeats else st.unmask[None, : rb + rs].clone()
                 if block_plan is not None:
@@ -253,8 +251,9 @@ class GraphedEngine(Engine):
         n = block.shape[0]
         self._load_state(block, pad, torch.zeros(n, dtype=torch.bool, device=block.device))
         rows = np.arange(n, dtype=np.int64)
-        st.upload({"rows_T": np.repeat(rows, bs), "bslot_T": np.tile(np.arange(bs, dtype=np.int64), n),
-                   "rows_R": rows, "P": np.asarray([self.cache.prefix_len], dtype=np.int64)})
-        self._run(self._key(n, 0, (LayerAction.RUN,) * self.runner.num_layers, True, n, True))
+        slots = np.tile(np.arange(bs, dtype=np.int64), n)
+        st.upload({"rows_T": np.repeat(rows, bs), "bslot_T": slots, "qslot_T": slots, "rows_R": rows,
+                   "P": np.asarray([self.cache.prefix_len], dtype=np.int64)})
+        self._run(self._key(n, 0, (LayerAction.RUN,) * self.runner.num_layers, True, n))
         self.cache.advance(bs)
         return st.out_tok[:n].clone()

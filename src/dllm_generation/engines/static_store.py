@@ -14,7 +14,7 @@ MAX_STOP_IDS = 16
 class StaticStore:
     """Every tensor a pass reads or writes, at fixed addresses (graphs replay against them)."""
 
-    def __init__(self, *, num_layers, rows, capacity, block_size, small_block_size, kv_heads, head_dim,
+    def __init__(self, *, num_layers, rows, capacity, block_size, small_block_size, heads, kv_heads, head_dim,
                  hidden, dtype, device):
         self.rows, self.capacity = rows, capacity
         self.block_size, self.small_block_size = block_size, small_block_size
@@ -23,6 +23,9 @@ class StaticStore:
         self.keys = [torch.zeros(kv_shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(kv_shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.reuse: dict[int, dict[str, torch.Tensor]] = {}
+        # A pass's queries in the attention's layout, [rows x heads, query slots, head_dim] (a view of
+        # its start); slots a pass does not write keep finite stale values whose outputs nobody reads.
+        self.queries = torch.zeros(rows * heads * block_size * head_dim, dtype=dtype, device=device)
         t_max = rows * block_size
         # Integer inputs of a pass, one buffer so that one copy fills them.
         self.layout = {"rows_T": t_max, "bslot_T": t_max, "qslot_T": t_max, "rows_R": rows,
