@@ -113,8 +113,8 @@ class GraphedEngine(Engine):
         if dev.type == "cuda":
             torch.cuda.empty_cache()
         self.store = StaticStore(num_layers=r.num_layers, rows=rows, capacity=cap, block_size=s.block_size,
-                                 small_block_size=s.small_block_size, heads=p.n_heads, kv_heads=p.n_kv, head_dim=p.head_dim,
-                                 hidden=p.hidden, dtype=dtype, device=dev)
+                                 small_block_size=s.small_block_size, heads=p.n_heads, kv_heads=p.n_kv,
+                                 head_dim=p.head_dim, hidden=p.hidden, dtype=dtype, device=dev)
 
     def start(self, batch: int, capacity: int) -> None:
         self.prepare(batch, capacity)
