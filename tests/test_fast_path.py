@@ -320,3 +320,28 @@ def test_a_pass_of_whole_block_and_sub_block_rows_attends_once_per_layer(tiny_mo
     assert any(key.rb and key.rs for key in passes)  # some passes mix both kinds of rows
     layers = tiny_model.config.num_hidden_layers
     assert all(calls[i] == layers for i in range(1, len(passes) + 1))
+
+
+def test_the_last_layer_runs_o_proj_and_the_mlp_only_on_the_tokens_the_logits_read(tiny_model):
+    """After the last layer's attention (every token's keys and values written) only the hidden
+    states that predict a sub-block slot go on: 8 per row, not a whole block's 32; every other layer,
+    and a block commit, take every token. The tokens stay the eager engine's."""
+    prompts = prompts_of([5, 40, 64, 70], seed=12)
+    cfg = dict(max_new_tokens=64, use_block_cache=True, **BASE)
+    want, _ = generate_new_tokens(tiny_model, prompts, fast_path=False, **cfg)
+    layers = tiny_model.model.layers
+    tokens_in = {0: [], len(layers) - 1: []}
+    hooks = [layers[i].mlp.register_forward_hook(lambda _m, args, _o, i=i: tokens_in[i].append(args[0].shape[0]))
+             for i in tokens_in]
+    try:
+        got, _ = generate_new_tokens(tiny_model, prompts, fast_path="uncaptured", **cfg)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert got == want
+    first, last = tokens_in[0], tokens_in[len(layers) - 1]
+    assert len(first) == len(last)
+    trimmed = [(n, m) for n, m in zip(first, last) if m < n]
+    assert trimmed and all(m % BASE["small_block_size"] == 0 and m < n for n, m in trimmed)
+    # Only passes with a whole-block row shrink: a pass of sub-block rows already reads all its tokens.
+    assert any(n == m for n, m in zip(first, last))

@@ -95,9 +95,11 @@ class LayerMath:
 
     def queries_at(self, rows: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Where each token's heads sit in the attention's [rows x heads, query slots, head_dim]
-        layout: ([T, heads] index into its first dimension, [T, 1] slot)."""
+        layout: ([T, heads] index into its first dimension, [T, 1] slot). Both are new tensors, not
+        views of the pass's inputs: the compiled functions then see the same kind of argument when
+        the last layer passes only the tokens the logits read."""
         heads = torch.arange(self.n_heads, device=rows.device)
-        return rows[:, None] * self.n_heads + heads, slots[:, None]
+        return rows[:, None] * self.n_heads + heads, slots[:, None].clone()
 
 
 class PackedPass:
@@ -179,6 +181,20 @@ class PackedPass:
         mask = torch.zeros(allowed.shape, dtype=st.dtype, device=ar.device)
         return mask.masked_fill_(~allowed, float("-inf"))[:, None, None, :]
 
+    @staticmethod
+    def _read_tokens(key: PassKey, st: StaticStore, n_rows: int, device) -> torch.Tensor:
+        """Which of the pass's packed tokens the logits read: for a commit, each row's last slot;
+        for a step, the hidden state predicting each slot of each row's sub-block (the rule's index
+        into the row's own tokens, offset by where the row's tokens sit in the packed batch)."""
+        bs, sbs = st.block_size, st.small_block_size
+        if key.commit:
+            return torch.arange(n_rows, device=device) * bs + bs - 1
+        f = st.fields
+        row_base = torch.cat([torch.arange(key.rb, device=device) * bs,
+                              key.rb * bs + torch.arange(key.rs, device=device) * sbs])
+        index = prediction_index(f["sub_start"][:n_rows], f["tok_start"][:n_rows], sbs)
+        return (row_base[:, None] + index).reshape(-1)
+
     def run(self, key: PassKey, st: StaticStore, runner) -> None:
         """One pass: every layer of the packed rows, then the step's token choice and unmask rule
         (or, for a commit, the next block's first token). Everything it reads and writes lives in `st`."""
@@ -203,6 +219,8 @@ class PackedPass:
             self._vary(tensor)
         self._vary(queries, 0, 1)
         rows_R = f["rows_R"][:n_rows]
+        read = self._read_tokens(key, st, n_rows, x.device)
+        last_layer = len(runner.layers) - 1
         for i, layer in enumerate(runner.layers):
             action = key.actions[i]
             if action is LayerAction.RECALL:
@@ -218,22 +236,28 @@ class PackedPass:
                      query_rows, query_slots)
             attended = self._attend(queries, st.keys[i], st.values[i], mask, key.span, qlen)
             self._vary(attended, 0, 1)
+            if i == last_layer and action is LayerAction.RUN and not key.commit:
+                # Every layer's keys and values are written above; after the last layer only the
+                # hidden states the logits read are, so only they go through o_proj and the MLP.
+                # (Not in a commit: at batch 1 it reads one token, and torch.compile specialises a
+                # size of 1, which would compile the layer function a second time.)
+                x, query_rows, query_slots = x[read], query_rows[read], query_slots[read]
+                read = None
+                for tensor in (x, query_rows, query_slots):
+                    self._vary(tensor)
             x = self.post(layer, x, attended, query_rows, query_slots)
             if action is LayerAction.STORE:
                 entry = st.reuse[i]
                 entry["reuse_output"][rows_T, bslot_T] = x
                 if key.residual:  # only residual recalls read the stored input
                     entry["reuse_input"][rows_T, bslot_T] = x_in
+        if read is not None:
+            x = x[read]
         if key.commit:
-            last = torch.arange(n_rows, device=x.device) * bs + bs - 1
-            st.out_tok[:n_rows].copy_(choose_tokens(runner.logits(runner.norm(x[last])), mask_token_id=key.mask_id)[0])
+            st.out_tok[:n_rows].copy_(choose_tokens(runner.logits(runner.norm(x)), mask_token_id=key.mask_id)[0])
             return
-        # Which packed hidden state predicts each slot of each row's sub-block: the rule's index
-        # into the row's own tokens, offset by where the row's tokens sit in the packed batch.
-        sub_start, tok_start = f["sub_start"][:n_rows], f["tok_start"][:n_rows]
-        row_base = torch.cat([torch.arange(rb, device=x.device) * bs, tb + torch.arange(rs, device=x.device) * sbs])
-        pick = (row_base[:, None] + prediction_index(sub_start, tok_start, sbs)).reshape(-1)
-        tok, conf = choose_tokens(runner.logits(runner.norm(x[pick])), mask_token_id=key.mask_id)
+        tok, conf = choose_tokens(runner.logits(runner.norm(x)), mask_token_id=key.mask_id)
+        sub_start = f["sub_start"][:n_rows]
         slots = sub_start[:, None] + st.ar_sub
         unmask = unmask_confident(st.block, st.finished, rows_R, slots, tok.view(n_rows, sbs),
                                   conf.view(n_rows, sbs), threshold=key.threshold, mask_token_id=key.mask_id,
