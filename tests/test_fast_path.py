@@ -343,5 +343,5 @@ def test_the_last_layer_runs_o_proj_and_the_mlp_only_on_the_tokens_the_logits_re
     assert len(first) == len(last)
     trimmed = [(n, m) for n, m in zip(first, last) if m < n]
     assert trimmed and all(m % BASE["small_block_size"] == 0 and m < n for n, m in trimmed)
-    # Only passes with a whole-block row shrink: a pass of sub-block rows already reads all its tokens.
+    # The prefill, the block commits and the passes of sub-block rows only keep every token.
     assert any(n == m for n, m in zip(first, last))
