@@ -10,7 +10,7 @@ module's own code is the packed attention: one call per layer for every row of t
 static cache in place, with a per-row key-range mask over the whole capacity, so a pass's shapes
 depend only on its `PassKey`, never on the prefix. After the last layer's attention only the hidden
 states the logits read go on through o_proj and the MLP (8 per row instead of a whole block's 32:
-2.5 % more tok/s at batch 32 on an H200, nothing at batch 1). The step's token choice and unmask rule
+1.7 % more tok/s at batch 32 on an H200 in float32, nothing at batch 1). The step's token choice and unmask rule
 (`rules.py`, the eager engine's own) end the pass, so they are part of its graph.
 
 With `compile_layers`, `torch.compile` fuses each layer's element-wise work around the attention,
