@@ -222,6 +222,11 @@ class PackedPass:
         self._vary(queries, 0, 1)
         rows_R = f["rows_R"][:n_rows]
         read = self._read_tokens(key, st, n_rows, x.device)
+        # Every layer's keys and values are written in `pre`; after the last layer's attention only
+        # the hidden states the logits read go on through o_proj and the MLP. (Not in a commit: at
+        # batch 1 it reads one token, and torch.compile specialises a size of 1, which would compile
+        # the layer function a second time; not where the last layer stores or recalls for reuse.)
+        trim_last = key.actions[-1] is LayerAction.RUN and not key.commit
         last_layer = len(runner.layers) - 1
         for i, layer in enumerate(runner.layers):
             action = key.actions[i]
@@ -238,13 +243,8 @@ class PackedPass:
                      query_rows, query_slots)
             attended = self._attend(queries, st.keys[i], st.values[i], mask, key.span, qlen)
             self._vary(attended, 0, 1)
-            if i == last_layer and action is LayerAction.RUN and not key.commit:
-                # Every layer's keys and values are written above; after the last layer only the
-                # hidden states the logits read are, so only they go through o_proj and the MLP.
-                # (Not in a commit: at batch 1 it reads one token, and torch.compile specialises a
-                # size of 1, which would compile the layer function a second time.)
+            if trim_last and i == last_layer:
                 x, query_rows, query_slots = x[read], query_rows[read], query_slots[read]
-                read = None
                 for tensor in (x, query_rows, query_slots):
                     self._vary(tensor)
             x = self.post(layer, x, attended, query_rows, query_slots)
@@ -253,7 +253,7 @@ class PackedPass:
                 entry["reuse_output"][rows_T, bslot_T] = x
                 if key.residual:  # only residual recalls read the stored input
                     entry["reuse_input"][rows_T, bslot_T] = x_in
-        if read is not None:
+        if not trim_last:
             x = x[read]
         if key.commit:
             st.out_tok[:n_rows].copy_(choose_tokens(runner.logits(runner.norm(x)), mask_token_id=key.mask_id)[0])
