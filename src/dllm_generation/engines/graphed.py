@@ -74,8 +74,8 @@ class GraphedEngine(Engine):
 
     def _bind_model(self, runner) -> None:
         self.runner = runner
+        self.packed = PackedPass(runner, compile_layers=self.compile_layers)  # may move projections' storage
         self.fingerprint = self._fingerprint(runner)
-        self.packed = PackedPass(runner, compile_layers=self.compile_layers)
 
     @staticmethod
     def _fingerprint(runner):
@@ -139,7 +139,7 @@ class GraphedEngine(Engine):
                    for name, value in now.items()},
                 "device_loops_held": len(c.loops), "graph_failure": c.graph_failure,
                 "compile_failure": self.packed.compile_failure, "loop_failure": c.loop_failure,
-                "evictions": c.evictions}
+                "evictions": c.evictions, "few_token_gate_up": self.packed.few_tokens_reason or "small-M kernel"}
 
     @property
     def mode(self) -> str:

@@ -31,8 +31,9 @@ import torch.nn.functional as F
 
 from ..sampling import choose_tokens
 from .plan import LayerAction
-from .qkv import share_qkv_storage
+from .projections import fuse_projections
 from .rules import prediction_index, step_repeats, unmask_confident
+from .small_m_linear import MAX_TOKENS, small_m_linear, support_reason
 from .static_store import StaticStore
 
 logger = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ def _rotary_function(layer):
 class LayerMath:
     """One decoder layer's work around the packed attention, through the model's own modules:
     its norms, o_proj and MLP, and transformers' `apply_rotary_pos_emb`. q/k/v are one matrix
-    product over their shared storage (`share_qkv_storage`).
+    product over their shared storage (`fuse_projections`).
 
     The new keys and values are written into the static cache, and the queries into the
     attention's layout, inside `pre_attention`; the attention's output is gathered back to the
@@ -89,11 +90,21 @@ class LayerMath:
         values[rows, :, slots] = v
         queries[query_rows, query_slots] = q
 
-    def post_attention(self, layer, x, attended, query_rows, query_slots):
+    def _attention_output(self, layer, x, attended, query_rows, query_slots):
         """`attended` is the attention's output in the queries' layout; each token takes its own."""
         o = attended[query_rows, query_slots].reshape(x.shape[0], self.n_heads * self.head_dim)
-        x = x + layer.self_attn.o_proj(o)
+        return x + layer.self_attn.o_proj(o)
+
+    def post_attention(self, layer, x, attended, query_rows, query_slots):
+        x = self._attention_output(layer, x, attended, query_rows, query_slots)
         return x + layer.mlp(layer.post_attention_layernorm(x))
+
+    def post_attention_few_tokens(self, layer, gate_up_weight, x, attended, query_rows, query_slots):
+        """`post_attention` for at most `MAX_TOKENS` tokens: gate and up as one product of the
+        small-M kernel over their shared storage; the activation and down_proj are the MLP's own."""
+        x = self._attention_output(layer, x, attended, query_rows, query_slots)
+        gate, up = small_m_linear(layer.post_attention_layernorm(x), gate_up_weight).chunk(2, dim=-1)
+        return x + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
 
     def queries_at(self, rows: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Where each token's heads sit in the attention's [rows x heads, query slots, head_dim]
@@ -117,22 +128,40 @@ class PackedPass:
         self.head_dim = int(attn.head_dim)
         self.scaling = float(attn.scaling)
         self.hidden = int(cfg.hidden_size)
-        self.qkv = [share_qkv_storage(layer.self_attn) for layer in runner.layers]
+        self.qkv = [fuse_projections((layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj))
+                    for layer in runner.layers]
         self.math = LayerMath(_rotary_function(runner.layers[0]), self.n_heads, self.n_kv, self.head_dim)
         self.compile_layers = compile_layers
         self.compile_failure: str | None = None
         self.compiled_once = False  # the first compile (about 10 s) is announced in the log
+        # Compiled passes of at most `MAX_TOKENS` tokens multiply gate/up with the small-M kernel
+        # where it serves the model; `graphs` keeps the eager engine's products, and so its bf16 tokens.
+        gate = runner.layers[0].mlp.gate_proj
+        self.few_tokens_reason = ("the layer functions run uncompiled" if not compile_layers else
+                                  support_reason(runner.device, runner.dtype, 2 * gate.out_features, gate.in_features))
+        self.gate_up = ([fuse_projections((layer.mlp.gate_proj, layer.mlp.up_proj))[0] for layer in runner.layers]
+                        if self.few_tokens_reason is None else None)
         self.set_layer_functions(compile_layers)
 
     def set_layer_functions(self, compiled: bool) -> None:
+        self.post_few = None
         if compiled:
             # Only the sizes that vary between passes are dynamic (`_vary` marks them). Compiling with
             # every size dynamic would let a token count tie with an equal fixed size (the hidden
             # size, the cache's capacity) and compile again at the next pass size.
             self.pre = torch.compile(self.math.pre_attention, fullgraph=True)
             self.post = torch.compile(self.math.post_attention, fullgraph=True)
+            if self.gate_up is not None:
+                self.post_few = torch.compile(self.math.post_attention_few_tokens, fullgraph=True)
         else:
             self.pre, self.post = self.math.pre_attention, self.math.post_attention
+
+    def _post(self, i: int, layer, x, attended, query_rows, query_slots):
+        """The layer's work after attention; passes of few tokens take the small-M kernel's variant
+        (a separate compiled function, so choosing it adds no guard on the token count)."""
+        if self.post_few is not None and x.shape[0] <= MAX_TOKENS:
+            return self.post_few(layer, self.gate_up[i], x, attended, query_rows, query_slots)
+        return self.post(layer, x, attended, query_rows, query_slots)
 
     def run_first(self, key: "PassKey", st: StaticStore, runner) -> None:
         """A pass shape's first run (also the warm-up a capture needs). With compiled layer
@@ -247,7 +276,7 @@ class PackedPass:
                 x, query_rows, query_slots = x[read], query_rows[read], query_slots[read]
                 for tensor in (x, query_rows, query_slots):
                     self._vary(tensor)
-            x = self.post(layer, x, attended, query_rows, query_slots)
+            x = self._post(i, layer, x, attended, query_rows, query_slots)
             if action is LayerAction.STORE:
                 entry = st.reuse[i]
                 entry["reuse_output"][rows_T, bslot_T] = x

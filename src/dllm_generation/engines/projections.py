@@ -1,4 +1,4 @@
-"""q/k/v projections as one matrix product, by giving their parameters one storage."""
+"""Several projections of one input as one matrix product, by giving their parameters one storage."""
 
 from __future__ import annotations
 
@@ -17,14 +17,13 @@ def _adjacent_view(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(), (rows, *first.shape[1:]))
 
 
-def share_qkv_storage(attn) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """q/k/v projection weights (and biases) as one tensor each, by moving the three parameters
-    into one storage: the parameters become views of it, so nothing is copied twice and the
-    module computes exactly what it did. One matrix product then replaces three small ones."""
-    projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+def fuse_projections(linears) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weights (and biases) of `linears` (q/k/v, or gate/up) as one tensor each, by moving the
+    parameters into one storage: they become views of it, so nothing is held twice and every
+    module computes exactly what it did. One matrix product then replaces several smaller ones."""
     fused = []
     for name in ("weight", "bias"):
-        params = [getattr(p, name) for p in projections]
+        params = [getattr(linear, name) for linear in linears]
         if any(t is None for t in params):
             fused.append(None)
             continue
