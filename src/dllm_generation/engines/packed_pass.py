@@ -145,6 +145,7 @@ class PackedPass:
 
     def set_layer_functions(self, compiled: bool) -> None:
         self.post_few = None
+        self.both_variants_compiled = not compiled  # plain functions need no warming
         if compiled:
             # Only the sizes that vary between passes are dynamic (`_vary` marks them). Compiling with
             # every size dynamic would let a token count tie with an equal fixed size (the hidden
@@ -159,9 +160,24 @@ class PackedPass:
     def _post(self, i: int, layer, x, attended, query_rows, query_slots):
         """The layer's work after attention; passes of few tokens take the small-M kernel's variant
         (a separate compiled function, so choosing it adds no guard on the token count)."""
+        if self.post_few is not None and not self.both_variants_compiled:
+            self._compile_both_variants(i, layer, x, attended, query_rows, query_slots)
         if self.post_few is not None and x.shape[0] <= MAX_TOKENS:
             return self.post_few(layer, self.gate_up[i], x, attended, query_rows, query_slots)
         return self.post(layer, x, attended, query_rows, query_slots)
+
+    def _compile_both_variants(self, i: int, layer, x, attended, query_rows, query_slots) -> None:
+        """Compile both variants of the layer's post-attention work on the process's first pass (it
+        runs uncaptured), each on tokens of this pass (repeated where the pass has too few), results
+        discarded. Compiling the second one later, when a pass first crosses `MAX_TOKENS` tokens,
+        would cost about 5 s in the middle of a decode."""
+        self.both_variants_compiled = True
+        for count in (min(x.shape[0], MAX_TOKENS), MAX_TOKENS + 1):
+            pick = torch.arange(count, device=x.device) % x.shape[0]
+            sample = (x[pick], query_rows[pick], query_slots[pick])
+            for tensor in sample:
+                self._vary(tensor)
+            self._post(i, layer, sample[0], attended, *sample[1:])
 
     def run_first(self, key: "PassKey", st: StaticStore, runner) -> None:
         """A pass shape's first run (also the warm-up a capture needs). With compiled layer
