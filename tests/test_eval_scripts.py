@@ -51,6 +51,30 @@ def only_run_dir(out: Path, task: str) -> Path:
     return dirs[0]
 
 
+def test_the_warm_up_decodes_the_longest_prompts_at_the_batch_size_and_token_budget(checkpoint, tmp_path, monkeypatch):
+    """So that the fast path sizes its buffers and compiles before the clock starts: a timed batch
+    that grew them would capture and compile again inside the timing."""
+    calls = []
+    real = runner_module.generate_batch
+
+    def recording(model, tokenizer, prompts, config, budgets=None):
+        calls.append((sorted(len(p) for p in prompts), max(budgets) if budgets else config.max_new_tokens))
+        return real(model, tokenizer, prompts, config, budgets)
+
+    monkeypatch.setattr(runner_module, "generate_batch", recording)
+    argv = ["--model", checkpoint, "--data-files", str(DATA / "gsm8k" / "test.jsonl"), "--output-dir",
+            str(tmp_path), "--protocol", "custom", "--limit", "5", "--batch-size", "2", "--max-new-tokens", "40",
+            "--threshold", "0.05"]
+    assert run_script("gsm8k", argv, monkeypatch) == 0
+    (warm_lengths, warm_budget), timed = calls[0], calls[1:]
+    assert len(timed) == 3 and sum(len(lengths) for lengths, _ in timed) == 5
+    assert warm_lengths == sorted(length for lengths, _ in timed for length in lengths)[-2:]
+    assert warm_budget == 40 == max(budget for _, budget in timed)
+    summary = json.loads((only_run_dir(tmp_path, "gsm8k") / "summary.json").read_text())
+    assert summary["throughput"]["warmup"] == {"batches": 1, "prompts": 2, "max_new_tokens": 40, "counted": False,
+                                               "seconds": summary["throughput"]["warmup"]["seconds"]}
+
+
 def test_gsm8k_script_writes_summary_and_samples(checkpoint, tmp_path, monkeypatch, capsys):
     out = tmp_path / "artifacts"
     argv = ["--model", checkpoint, "--data-files", str(DATA / "gsm8k" / "test.jsonl"), "--output-dir", str(out),

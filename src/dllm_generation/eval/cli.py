@@ -151,7 +151,7 @@ def add_shared_arguments(parser: argparse.ArgumentParser, *, grid: bool = False,
     o.add_argument("--output-dir", default=DEFAULTS.output_dir, help="artifacts root")
     o.add_argument("--run-name", default=None, help="folder name instead of the one derived from the config")
     o.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
-                   help="run one small uncounted warm-up batch per process")
+                   help="run one uncounted warm-up batch per process (generation: the longest prompts at the batch size and token budget)")
     o.add_argument("--force", action="store_true", help="recompute even if results exist")
     o.add_argument("--log-level", default="INFO", help="logging level")
 

@@ -13,7 +13,6 @@ Order matters and is the point of this module:
 
 from __future__ import annotations
 
-import copy
 import logging
 import random
 import time
@@ -42,9 +41,6 @@ from .summary_stats import group_metrics, metric_stderrs
 from .throughput import summarize_throughput
 
 logger = logging.getLogger(__name__)
-
-WARMUP_PROMPTS = 2
-
 
 class MetricsScorer:
     """Adapter over `dllm_generation.eval.metrics` (imported on first use)."""
@@ -147,7 +143,7 @@ def run_eval(
         device = str(model_device(model))
         evaluator = _Evaluator(options, model, tokenizer, data, scorer, ctx.rank)
         if options.warmup:
-            warmup = evaluator.warm_up(mine[:WARMUP_PROMPTS])
+            warmup = evaluator.warm_up(mine)
     ctx.barrier()  # every process can start: only now does the folder change
     if ctx.is_main:
         files.begin(identity, replace=options.force)
@@ -214,16 +210,20 @@ class _Evaluator:
                 for p in prompts]
 
     def warm_up(self, rows: list[Example]) -> dict:
-        """One small batch through the same code path, its time and counters discarded."""
+        """One batch through the same code path before the timed ones, its time and counters
+        discarded. A generation warm-up decodes the run's longest prompts at its batch size and
+        token budget: the fast path sizes its static buffers (rows x capacity) and compiles its
+        layer functions there, so no timed batch grows them, which would capture and compile again."""
         start = time.perf_counter()
         if self.options.uses_loglikelihood:
-            self._loglikelihood(rows[:1])
+            rows = rows[:1]
+            self._loglikelihood(rows)
             extra = {}
         else:
-            cfg = copy.deepcopy(self.generation_config)
-            cfg.max_new_tokens = min(self.options.max_new_tokens, 2 * self.options.block_size)
-            generate_batch(self.model, self.tokenizer, [self._prompt_ids(ex) for ex in rows], cfg)
-            extra = {"max_new_tokens": cfg.max_new_tokens}
+            rows = sorted((self._prompt_ids(ex) for ex in rows), key=len)[-self.options.batch_size:]
+            budgets = self._budgets(rows)
+            generate_batch(self.model, self.tokenizer, rows, self.generation_config, budgets)
+            extra = {"max_new_tokens": max(budgets) if budgets else self.generation_config.max_new_tokens}
         return {"batches": 1, "prompts": len(rows), **extra, "seconds": round(time.perf_counter() - start, 4),
                 "counted": False}
 
