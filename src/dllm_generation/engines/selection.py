@@ -4,7 +4,7 @@
 
 * `None` / `True` (default): the graphed engine with CUDA graphs and `torch.compile` where it can
   serve the call, else the eager engine, with the reason logged and reported in
-  `stats["fast_path"]`. A process's first call compiles for about 10 s; a compile failure falls
+  `stats["fast_path"]`. A process's first call compiles (12-17 s on an H200); a compile failure falls
   back to uncompiled graphs (logged). `"graphs"` starts in seconds and gives the eager engine's
   tokens exactly in bf16 too, at ~1.3x the time per forward (docs/benchmarks.md);
 * `False`: the eager engine;
