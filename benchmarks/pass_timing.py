@@ -5,7 +5,9 @@ The throughput benchmark (throughput.py) times whole decodes. This script takes 
 
 * **matrix products alone**: every weight of one forward (q, k, v, o, gate, up, down per layer, and the
   lm_head on one sub-block of tokens) multiplied by `--tokens` rows, one kind at a time, captured in
-  one CUDA graph and replayed, with the bandwidth each kind reaches; per BLAS library (`--blas`);
+  one CUDA graph and replayed, with the bandwidth each kind reaches; per BLAS library (`--blas`); and
+  gate/up as one product, through the BLAS library and, where the engine uses it (bf16/fp16 on Hopper,
+  at most 32 tokens), its small-M kernel;
 * **passes**: for each engine mode (`--modes`), one batch-1 decode with the block cache on, then each
   captured pass's graph replayed back to back (so the host does nothing in between), next to the
   decode's ms per forward: the difference is what the host adds per forward. The modes:
@@ -158,6 +160,34 @@ def matrix_products(model, args, tokens: int) -> dict:
     total_bytes = sum(v["bytes"] for v in result.values())
     result["all"] = {"ms": round(total_ms, 4), "gb_per_second": round(total_bytes / total_ms / 1e6, 1),
                      "bytes": total_bytes}
+    result.update(fused_gate_up_products(kinds, inputs, tokens, cuda))
+    return result
+
+
+def fused_gate_up_products(kinds, inputs, tokens: int, cuda: bool) -> dict:
+    """Gate and up as one product per layer, as the graphed engine's few-token passes run them: through
+    the BLAS library (`gate_up`) and, where the engine would use it, the small-M kernel
+    (`gate_up_small_m`). Not part of "all" (the same bytes as gate + up)."""
+    from dllm_generation.engines.small_m_linear import MAX_TOKENS, small_m_linear, support_reason
+
+    fused = [torch.cat([gate, up]) for gate, up in zip(kinds["gate"], kinds["up"])]
+    x = inputs[fused[0].shape[1]]
+    variants = {"gate_up": lambda: [F.linear(x, w) for w in fused]}
+    if tokens <= MAX_TOKENS and support_reason(x.device, x.dtype, *fused[0].shape) is None:
+        variants["gate_up_small_m"] = lambda: [small_m_linear(x, w) for w in fused]
+    nbytes = sum(w.numel() * w.element_size() for w in fused)
+    result = {}
+    for name, products in variants.items():
+        run = products
+        if cuda:
+            products()
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                products()
+            run = graph.replay
+        ms = _time_ms(run, 30 if cuda else 3, cuda)
+        result[name] = {"ms": round(ms, 4), "gb_per_second": round(nbytes / ms / 1e6, 1), "bytes": nbytes}
     return result
 
 
