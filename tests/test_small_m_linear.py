@@ -55,6 +55,7 @@ def test_few_token_passes_take_the_fused_gate_up_and_keep_the_eager_tokens(tiny_
     for lengths, seed in (([5, 33, 70], 4), ([40], 0)):
         runner, settings, prompts, want, engine = _plain_decode_and_engine(tiny_model, lengths, seed,
                                                                            compile_layers=False)
+        assert engine.describe()["few_token_gate_up"] == "the MLP's own products (the layer functions run uncompiled)"
         packed = engine.packed  # as `set_layer_functions` sets it up for compiled functions on a Hopper GPU
         packed.gate_up = [fuse_projections((layer.mlp.gate_proj, layer.mlp.up_proj))[0] for layer in runner.layers]
         packed.post_few = packed.math.post_attention_few_tokens

@@ -139,7 +139,7 @@ class GraphedEngine(Engine):
                    for name, value in now.items()},
                 "device_loops_held": len(c.loops), "graph_failure": c.graph_failure,
                 "compile_failure": self.packed.compile_failure, "loop_failure": c.loop_failure,
-                "evictions": c.evictions, "few_token_gate_up": self.packed.few_tokens_reason or "small-M kernel"}
+                "evictions": c.evictions, "few_token_gate_up": self.packed.few_token_gate_up}
 
     @property
     def mode(self) -> str:

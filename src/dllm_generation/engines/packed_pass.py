@@ -163,6 +163,13 @@ class PackedPass:
         else:
             self.pre, self.post = self.math.pre_attention, self.math.post_attention
 
+    @property
+    def few_token_gate_up(self) -> str:
+        """What multiplies gate/up in passes of at most `MAX_TOKENS` tokens (reported by `describe`)."""
+        if self.post_few is not None:
+            return "small-M kernel"
+        return f"the MLP's own products ({self.few_tokens_reason or 'compile failed'})"
+
     def _post(self, i: int, layer, x, attended, query_rows, query_slots):
         """The layer's work after attention; passes of few tokens take the small-M kernel's variant
         (a separate compiled function, so choosing it adds no guard on the token count)."""

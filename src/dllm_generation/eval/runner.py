@@ -42,6 +42,7 @@ from .throughput import summarize_throughput
 
 logger = logging.getLogger(__name__)
 
+
 class MetricsScorer:
     """Adapter over `dllm_generation.eval.metrics` (imported on first use)."""
 
@@ -220,9 +221,10 @@ class _Evaluator:
             self._loglikelihood(rows)
             extra = {}
         else:
-            rows = sorted((self._prompt_ids(ex) for ex in rows), key=len)[-self.options.batch_size:]
-            budgets = self._budgets(rows)
-            generate_batch(self.model, self.tokenizer, rows, self.generation_config, budgets)
+            prompts = sorted((self._prompt_ids(ex) for ex in rows), key=len)[-self.options.batch_size:]
+            budgets = self._budgets(prompts)
+            generate_batch(self.model, self.tokenizer, prompts, self.generation_config, budgets)
+            rows = prompts
             extra = {"max_new_tokens": max(budgets) if budgets else self.generation_config.max_new_tokens}
         return {"batches": 1, "prompts": len(rows), **extra, "seconds": round(time.perf_counter() - start, 4),
                 "counted": False}
