@@ -13,6 +13,7 @@ from dllm_generation.decoding import BlockDiffusionDecoder
 from dllm_generation.engines import packed_pass
 from dllm_generation.engines.projections import fuse_projections
 from dllm_generation.engines.small_m_linear import MAX_TOKENS, small_m_linear, support_reason
+from dllm_generation.runner import LayerStackRunner
 from test_compiled_layers import _plain_decode_and_engine
 
 ON_HOPPER = torch.cuda.is_available() and support_reason(torch.device("cuda"), torch.bfloat16, 37888, 3584) is None
@@ -77,6 +78,19 @@ def test_few_token_passes_take_the_fused_gate_up_and_keep_the_eager_tokens(tiny_
             assert min(module_sizes) > MAX_TOKENS  # whole-block passes of 3 rows, commits
         else:
             assert not module_sizes and set(sizes) == {8, 32}
+
+
+def test_gate_and_up_with_biases_keep_the_mlp_module(tiny_model, monkeypatch):
+    """The kernel multiplies without a bias: a model whose gate/up have biases (Llama's `mlp_bias`)
+    keeps its MLP module in every pass, and says why."""
+    monkeypatch.setattr(packed_pass, "support_reason", lambda *args: None)
+    model = type(tiny_model)(tiny_model.config).eval()
+    for layer in model.model.layers:
+        layer.mlp.up_proj.bias = torch.nn.Parameter(torch.zeros(layer.mlp.up_proj.out_features))
+    runner = LayerStackRunner(model)
+    packed = packed_pass.PackedPass(runner, compile_layers=True)
+    assert packed.gate_up is None and packed.post_few is None
+    assert packed.few_token_gate_up == "the MLP's own products (gate/up have biases (the kernel multiplies without))"
 
 
 @pytest.mark.skipif(not ON_HOPPER, reason="the small-M kernel runs on Hopper GPUs")

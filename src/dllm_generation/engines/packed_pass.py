@@ -143,8 +143,11 @@ class PackedPass:
         # Compiled passes of at most `MAX_TOKENS` tokens multiply gate/up with the small-M kernel
         # where it serves the model; `graphs` keeps the eager engine's products, and so its bf16 tokens.
         gate = runner.layers[0].mlp.gate_proj
-        self.few_tokens_reason = ("the layer functions run uncompiled" if not compile_layers else
-                                  support_reason(runner.device, runner.dtype, 2 * gate.out_features, gate.in_features))
+        biased = any(layer.mlp.gate_proj.bias is not None or layer.mlp.up_proj.bias is not None for layer in runner.layers)
+        self.few_tokens_reason = (
+            "the layer functions run uncompiled" if not compile_layers
+            else "gate/up have biases (the kernel multiplies without)" if biased
+            else support_reason(runner.device, runner.dtype, 2 * gate.out_features, gate.in_features))
         self.gate_up = ([fuse_projections((layer.mlp.gate_proj, layer.mlp.up_proj))[0] for layer in runner.layers]
                         if self.few_tokens_reason is None else None)
         self.set_layer_functions(compile_layers)
