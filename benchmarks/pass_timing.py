@@ -145,17 +145,7 @@ def matrix_products(model, args, tokens: int) -> dict:
             for w in weights:
                 F.linear(inputs[w.shape[1]][:rows], w)
 
-        run = products
-        if cuda:
-            products()
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                products()
-            run = graph.replay
-        ms = _time_ms(run, 30 if cuda else 3, cuda)
-        nbytes = sum(w.numel() * w.element_size() for w in weights)
-        result[kind] = {"ms": round(ms, 4), "gb_per_second": round(nbytes / ms / 1e6, 1), "bytes": nbytes}
+        result[kind] = _time_products(products, sum(w.numel() * w.element_size() for w in weights), cuda)
     total_ms = sum(v["ms"] for v in result.values())
     total_bytes = sum(v["bytes"] for v in result.values())
     result["all"] = {"ms": round(total_ms, 4), "gb_per_second": round(total_bytes / total_ms / 1e6, 1),
@@ -176,19 +166,21 @@ def fused_gate_up_products(kinds, inputs, tokens: int, cuda: bool) -> dict:
     if tokens <= MAX_TOKENS and support_reason(x.device, x.dtype, *fused[0].shape) is None:
         variants["gate_up_small_m"] = lambda: [small_m_linear(x, w) for w in fused]
     nbytes = sum(w.numel() * w.element_size() for w in fused)
-    result = {}
-    for name, products in variants.items():
-        run = products
-        if cuda:
+    return {name: _time_products(products, nbytes, cuda) for name, products in variants.items()}
+
+
+def _time_products(products, nbytes: int, cuda: bool) -> dict:
+    """ms per call of `products` (on CUDA captured in one graph and replayed) and the weight bytes it reads."""
+    run = products
+    if cuda:
+        products()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
             products()
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                products()
-            run = graph.replay
-        ms = _time_ms(run, 30 if cuda else 3, cuda)
-        result[name] = {"ms": round(ms, 4), "gb_per_second": round(nbytes / ms / 1e6, 1), "bytes": nbytes}
-    return result
+        run = graph.replay
+    ms = _time_ms(run, 30 if cuda else 3, cuda)
+    return {"ms": round(ms, 4), "gb_per_second": round(nbytes / ms / 1e6, 1), "bytes": nbytes}
 
 
 def _use_variant(engine, options: dict) -> None:
