@@ -185,9 +185,7 @@ def _time_products(products, nbytes: int, cuda: bool) -> dict:
 
 def _use_variant(engine, options: dict) -> None:
     """Compile the engine's layer functions with other torch.compile options (graphs re-captured)."""
-    packed = engine.packed
-    packed.pre = torch.compile(packed.math.pre_attention, fullgraph=True, **options)
-    packed.post = torch.compile(packed.math.post_attention, fullgraph=True, **options)
+    engine.packed.set_layer_functions(True, **options)
     engine.captured.drop()
 
 

@@ -152,17 +152,19 @@ class PackedPass:
                         if self.few_tokens_reason is None else None)
         self.set_layer_functions(compile_layers)
 
-    def set_layer_functions(self, compiled: bool) -> None:
+    def set_layer_functions(self, compiled: bool, **compile_options) -> None:
+        """The layer functions, compiled (with `compile_options` for torch.compile; the pass-timing
+        benchmark compares variants) or plain."""
         self.post_few = None
         self.both_variants_compiled = not compiled  # plain functions need no warming
         if compiled:
             # Only the sizes that vary between passes are dynamic (`_vary` marks them). Compiling with
             # every size dynamic would let a token count tie with an equal fixed size (the hidden
             # size, the cache's capacity) and compile again at the next pass size.
-            self.pre = torch.compile(self.math.pre_attention, fullgraph=True)
-            self.post = torch.compile(self.math.post_attention, fullgraph=True)
+            self.pre = torch.compile(self.math.pre_attention, fullgraph=True, **compile_options)
+            self.post = torch.compile(self.math.post_attention, fullgraph=True, **compile_options)
             if self.gate_up is not None:
-                self.post_few = torch.compile(self.math.post_attention_few_tokens, fullgraph=True)
+                self.post_few = torch.compile(self.math.post_attention_few_tokens, fullgraph=True, **compile_options)
         else:
             self.pre, self.post = self.math.pre_attention, self.math.post_attention
 
