@@ -217,16 +217,15 @@ class _Evaluator:
         layer functions there, so no timed batch grows them, which would capture and compile again."""
         start = time.perf_counter()
         if self.options.uses_loglikelihood:
-            rows = rows[:1]
-            self._loglikelihood(rows)
+            warmed = rows[:1]
+            self._loglikelihood(warmed)
             extra = {}
         else:
-            prompts = sorted((self._prompt_ids(ex) for ex in rows), key=len)[-self.options.batch_size:]
-            budgets = self._budgets(prompts)
-            generate_batch(self.model, self.tokenizer, prompts, self.generation_config, budgets)
-            rows = prompts
+            warmed = sorted((self._prompt_ids(ex) for ex in rows), key=len)[-self.options.batch_size:]
+            budgets = self._budgets(warmed)
+            generate_batch(self.model, self.tokenizer, warmed, self.generation_config, budgets)
             extra = {"max_new_tokens": max(budgets) if budgets else self.generation_config.max_new_tokens}
-        return {"batches": 1, "prompts": len(rows), **extra, "seconds": round(time.perf_counter() - start, 4),
+        return {"batches": 1, "prompts": len(warmed), **extra, "seconds": round(time.perf_counter() - start, 4),
                 "counted": False}
 
     def run(self, rows: list[Example], files: RunFiles, *, progress: bool) -> None:
