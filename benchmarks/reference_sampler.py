@@ -1,7 +1,8 @@
 """The reference Fast-dLLM v2 sampler's throughput, measured in another process, read from JSON.
 
 The reference sampler ships as the checkpoint's own remote code and needs transformers 4.53, so it
-cannot run in the benchmark's process. Its tok/s per (batch, cache) come in a file:
+cannot run in the benchmark's process. Its tok/s per (batch, cache) come in a file, which
+benchmarks/reference_sampler_timing.py writes (run in an environment of its own, on the same card):
 
     {"environment": {"gpu": "...", "transformers": "4.53.1", ...},      # free-form, copied into the results
      "runs": [{"batch": 1, "cache": "on", "tokens_per_second": 32.0},
