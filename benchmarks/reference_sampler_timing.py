@@ -116,6 +116,12 @@ def validate_args(args, p) -> None:
         p.error(f"--threshold must be in [0, 1], got {args.threshold}")
     if args.layers is not None and args.layers <= 0:
         p.error(f"--layers must be positive, got {args.layers}")
+    import torch
+
+    if not (args.device == "cpu" or args.device.split(":")[0] == "cuda"):
+        p.error(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: CUDA is not available here (use --device cpu for a smoke run)")
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
 
 

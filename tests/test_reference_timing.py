@@ -132,6 +132,7 @@ def test_times_the_benchmarks_prompts_with_the_adapters_arguments_and_counts_up_
     ({"--small-block-size": "5"}, "--small-block-size"),
     ({"--threshold": "1.5"}, "--threshold"),
     ({"--generation-functions": "/nonexistent/generation_functions.py"}, "--generation-functions"),
+    ({"--device": "tpu"}, "--device"),
 ])
 def test_bad_arguments_end_with_one_line_before_any_model(timing, stand_in, monkeypatch, capsys, tmp_path, change, option):
     model_dir, sampler, _ = stand_in
@@ -165,3 +166,17 @@ def test_the_prompts_are_drawn_like_the_throughput_benchmarks(timing):
         ids, mask = throughput.make_prompts(args, batch, vocab_high=151643)
         expected = [row[m.bool()].tolist() for row, m in zip(ids.cpu(), mask.cpu())]
         assert timing.benchmark_prompts(3, batch, 96, 160, 151643) == expected
+
+
+def test_cuda_asked_for_where_there_is_none_is_one_line(timing, stand_in, capsys, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    model_dir, sampler, _ = stand_in
+    with pytest.raises(SystemExit) as stop:
+        timing.parse_args(["--model-dir", str(model_dir), "--generation-functions", str(sampler),
+                           "--json-out", str(tmp_path / "r.json")])  # --device defaults to cuda
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--device cuda" in err and "not available" in err
