@@ -161,16 +161,18 @@ def build_reference_model(args):
     return model.eval(), config
 
 
-def bind_sampler(model, path: str):
-    """Fast-dLLM's batch_sample, bound to the model as its adapter binds it."""
+def load_sampler(path: str):
+    """Fast-dLLM's batch_sample (unbound) and the extra arguments it needs here; loaded before any model is built."""
     spec = importlib.util.spec_from_file_location("fast_dllm_generation_functions", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     sampler = getattr(getattr(module, "Fast_dLLM_QwenForCausalLM", None), "batch_sample", None)
     if sampler is None:
-        raise SystemExit(f"--generation-functions {path}: defines no Fast_dLLM_QwenForCausalLM.batch_sample")
+        print(f"{Path(sys.argv[0]).name}: error: --generation-functions {path} defines no "
+              "Fast_dLLM_QwenForCausalLM.batch_sample", file=sys.stderr)
+        raise SystemExit(2)
     extra = {"reuse_k": 1} if "reuse_k" in inspect.signature(sampler).parameters else {}
-    return types.MethodType(sampler, model), extra
+    return sampler, extra
 
 
 def time_batch(model, sampler, extra: dict, args, batch: int, cache: bool, vocab_high: int) -> dict:
@@ -240,9 +242,10 @@ def write_atomically(path: str, data: dict) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    sampler, extra = load_sampler(args.generation_functions)
     t0 = time.perf_counter()
     model, config = build_reference_model(args)
-    sampler, extra = bind_sampler(model, args.generation_functions)
+    sampler = types.MethodType(sampler, model)  # as the reference's adapter binds it
     vocab_high = min(int(config.vocab_size) - 8, PAD_ID)
     results = {"environment": dict(environment(args), model_build_seconds=round(time.perf_counter() - t0, 1)), "runs": []}
     for batch in args.batch_sizes:

@@ -180,3 +180,16 @@ def test_cuda_asked_for_where_there_is_none_is_one_line(timing, stand_in, capsys
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--device cuda" in err and "not available" in err
+
+
+def test_a_file_without_the_sampler_stops_before_any_model(timing, stand_in, monkeypatch, capsys, tmp_path):
+    model_dir, _, _ = stand_in
+    other = tmp_path / "other.py"
+    other.write_text("class Fast_dLLM_QwenForCausalLM:\n    pass\n")
+    monkeypatch.setattr(timing, "build_reference_model", lambda *a, **k: pytest.fail("a model was built"))
+    with pytest.raises(SystemExit) as stop:
+        timing.main(["--model-dir", str(model_dir), "--generation-functions", str(other), "--device", "cpu",
+                     "--json-out", str(tmp_path / "r.json")])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "batch_sample" in err and "--generation-functions" in err
