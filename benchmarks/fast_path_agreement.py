@@ -26,7 +26,7 @@ for dtype in ("float32", "bfloat16"):
     args = T.parse_args([*config, "--device", "cuda", "--dtype", dtype, "--new-tokens", "64"])
     raw = T.load_hub_config(args)
     model = T.build_model(raw, args, num_layers=4, peaky=True)
-    vocab_high = min(int(raw["vocab_size"]) - 8, T.PAD_ID)
+    vocab_high = T.workload.prompt_vocab_high(int(raw["vocab_size"]))
     for batch in (1, 8):
         ids, mask = T.make_prompts(args, batch, vocab_high, seed_offset=7)
         for cache in (False, True):

@@ -222,7 +222,7 @@ def main(argv=None) -> int:
     raw = throughput.load_hub_config(args)
     torch.manual_seed(args.seed)
     model = throughput.build_model(raw, args)
-    vocab_high = min(int(raw["vocab_size"]) - 8, throughput.PAD_ID)
+    vocab_high = throughput.workload.prompt_vocab_high(int(raw["vocab_size"]))
     ids, mask = throughput.make_prompts(args, 1, vocab_high)
     results = {"environment": throughput.environment(args), "arguments": dict(vars(args)),
                "matrix_products": {}, "modes": {}}

@@ -41,10 +41,22 @@ import time
 import types
 from pathlib import Path
 
-# The benchmark's token ids and workload constants (benchmarks/throughput.py uses the same).
-MASK_ID, EOS_ID, PAD_ID = 151665, 151645, 151643
+
+def _load_workload():
+    """benchmarks/workload.py (the benchmark's prompts and token ids; it needs only torch), loaded from its file
+    under the name benchmarks/throughput.py gives it, as benchmarks/ is a folder of scripts, not a package."""
+    if "benchmarks_workload" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("benchmarks_workload", Path(__file__).resolve().with_name("workload.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["benchmarks_workload"] = module  # before running it: dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules["benchmarks_workload"]
+
+
+workload = _load_workload()
+MASK_ID, EOS_ID, PAD_ID = workload.MASK_ID, workload.EOS_ID, workload.PAD_ID
 STOP_IDS = (EOS_ID, PAD_ID)
-INIT_STD = 0.02
+INIT_STD = 0.02  # benchmarks/throughput.py's default --init-std
 MODEL_FILES = ("config.json", "configuration.py", "modeling.py")
 CACHE_VALUES = {"on": True, "off": False}
 
@@ -125,15 +137,6 @@ def validate_args(args, p) -> None:
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
 
 
-def benchmark_prompts(seed: int, batch: int, prompt_min: int, prompt_max: int, vocab_high: int) -> list[list[int]]:
-    """benchmarks/throughput.py's prompts for this batch size: the same generator, seed and draws."""
-    import torch
-
-    gen = torch.Generator().manual_seed(seed * 1000 + batch)
-    lengths = torch.randint(prompt_min, prompt_max + 1, (batch,), generator=gen).tolist()
-    return [torch.randint(0, vocab_high, (n,), generator=gen).tolist() for n in lengths]
-
-
 def _sha256(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
@@ -178,7 +181,7 @@ def load_sampler(path: str):
 def time_batch(model, sampler, extra: dict, args, batch: int, cache: bool, vocab_high: int) -> dict:
     import torch
 
-    prompts = benchmark_prompts(args.seed, batch, args.prompt_min, args.prompt_max, vocab_high)
+    prompts = workload.benchmark_prompts(args.seed, batch, args.prompt_min, args.prompt_max, vocab_high)
     lengths = [len(p) for p in prompts]
     width = max(lengths)
     ids = torch.full((batch, width), MASK_ID, dtype=torch.long)
@@ -246,7 +249,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     model, config = build_reference_model(args)
     sampler = types.MethodType(sampler, model)  # as the reference's adapter binds it
-    vocab_high = min(int(config.vocab_size) - 8, PAD_ID)
+    vocab_high = workload.prompt_vocab_high(int(config.vocab_size))
     results = {"environment": dict(environment(args), model_build_seconds=round(time.perf_counter() - t0, 1)), "runs": []}
     for batch in args.batch_sizes:
         for cache in args.cache:

@@ -76,7 +76,7 @@ render_table, fast_path_mode = throughput_table.render_table, throughput_table.f
 
 # Without --config: the Fast_dLLM_v2_7B config.json in the data folder beside the repository, if present.
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "fast_dllm_v2_7b", "config.json")
-MASK_ID, EOS_ID, PAD_ID = 151665, 151645, 151643
+MASK_ID, EOS_ID, PAD_ID = workload.MASK_ID, workload.EOS_ID, workload.PAD_ID
 TINY = dict(num_hidden_layers=4, hidden_size=64, intermediate_size=128, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=512, max_position_embeddings=2048)
 # --tiny's grid, for every option left unset: small enough for a CPU in about a minute.
@@ -324,10 +324,9 @@ def build_model(raw: dict, args, *, num_layers: int | None = None, peaky: bool =
 
 
 def make_prompts(args, batch: int, vocab_high: int, seed_offset: int = 0):
-    gen = torch.Generator().manual_seed(args.seed * 1000 + batch + seed_offset)
-    lengths = torch.randint(args.prompt_min, args.prompt_max + 1, (batch,), generator=gen).tolist()
-    prompts = [torch.randint(0, vocab_high, (n,), generator=gen).tolist() for n in lengths]
-    width = max(lengths)
+    """The batch's prompts (workload.benchmark_prompts), left-padded, and their attention mask."""
+    prompts = workload.benchmark_prompts(args.seed, batch, args.prompt_min, args.prompt_max, vocab_high, seed_offset)
+    width = max(len(p) for p in prompts)
     ids = torch.zeros((batch, width), dtype=torch.long)
     mask = torch.zeros_like(ids)
     for r, p in enumerate(prompts):
@@ -472,7 +471,7 @@ def main(argv=None):
     raw = load_hub_config(args)
     t0 = time.perf_counter()
     model = build_model(raw, args)
-    vocab_high = min(int(raw["vocab_size"]) - 8, PAD_ID)
+    vocab_high = workload.prompt_vocab_high(int(raw["vocab_size"]))
     env["model_build_seconds"] = round(time.perf_counter() - t0, 1)
     env["model"] = {k: raw.get(k) for k in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
                                             "num_key_value_heads", "vocab_size")}

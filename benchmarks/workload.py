@@ -29,6 +29,25 @@ from typing import Callable
 import torch
 
 
+# Fast_dLLM_v2_7B's mask, stop (<|im_end|>) and pad (<|endoftext|>) ids, as the benchmark builds its model.
+MASK_ID, EOS_ID, PAD_ID = 151665, 151645, 151643
+
+
+def prompt_vocab_high(vocab_size: int) -> int:
+    """Prompt token ids are drawn below this: below the special ids, and inside a tiny model's vocabulary."""
+    return min(vocab_size - 8, PAD_ID)
+
+
+def benchmark_prompts(seed: int, batch: int, prompt_min: int, prompt_max: int, vocab_high: int,
+                      seed_offset: int = 0) -> list[list[int]]:
+    """The benchmark's random prompts for one batch size: lengths in [prompt_min, prompt_max], ids in
+    [0, vocab_high). The reference sampler's timing draws the same ones. `seed_offset` gives other prompts
+    of the batch size (the calibration's and the checks')."""
+    gen = torch.Generator().manual_seed(seed * 1000 + batch + seed_offset)
+    lengths = torch.randint(prompt_min, prompt_max + 1, (batch,), generator=gen).tolist()
+    return [torch.randint(0, vocab_high, (n,), generator=gen).tolist() for n in lengths]
+
+
 class Workload(str, Enum):
     RANDOM = "random"
     TARGET = "target"

@@ -158,14 +158,15 @@ def test_a_model_folder_without_the_remote_code_is_named(timing, stand_in, capsy
 
 
 def test_the_prompts_are_drawn_like_the_throughput_benchmarks(timing):
-    """The same generator, seed and draws as benchmarks/throughput.py's make_prompts, batch by batch."""
+    """The prompts it draws (benchmarks/workload.py's) are those of benchmarks/throughput.py's make_prompts, batch by
+    batch, once their left padding is taken off."""
     throughput = _load("throughput")
     for batch in (1, 8, 32):
         args = throughput.parse_args(["--tiny", "--seed", "3"])
         args.prompt_min, args.prompt_max = 96, 160
         ids, mask = throughput.make_prompts(args, batch, vocab_high=151643)
         expected = [row[m.bool()].tolist() for row, m in zip(ids.cpu(), mask.cpu())]
-        assert timing.benchmark_prompts(3, batch, 96, 160, 151643) == expected
+        assert timing.workload.benchmark_prompts(3, batch, 96, 160, 151643) == expected
 
 
 def test_cuda_asked_for_where_there_is_none_is_one_line(timing, stand_in, capsys, tmp_path):
