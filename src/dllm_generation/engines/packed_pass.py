@@ -139,7 +139,7 @@ class PackedPass:
         self.math = LayerMath(_rotary_function(runner.layers[0]), self.n_heads, self.n_kv, self.head_dim)
         self.compile_layers = compile_layers
         self.compile_failure: str | None = None
-        self.compiled_once = False  # the first compile (12-17 s on an H200) is announced in the log
+        self.compiled_once = False  # the first compile (a first batch-1 call: 17.5 s on an H200) is logged
         # Compiled passes of at most `MAX_TOKENS` tokens multiply gate/up with the small-M kernel
         # where it serves the model; `graphs` keeps the eager engine's products, and so its bf16 tokens.
         gate = runner.layers[0].mlp.gate_proj
@@ -203,7 +203,8 @@ class PackedPass:
         pass and every later one run the plain functions."""
         if self.compile_layers and self.compile_failure is None:
             if not self.compiled_once:
-                logger.info("graphed engine: compiling the layer functions (once per process; 12-17 s on an H200)")
+                logger.info("graphed engine: compiling the layer functions (once per process; a first batch-1 call "
+                            "took 17.5 s on an H200)")
                 self.compiled_once = True
             try:
                 self.run(key, st, runner)
