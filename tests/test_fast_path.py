@@ -244,6 +244,57 @@ def test_qkv_weights_share_one_storage_without_a_second_copy(tiny_path, tmp_path
     assert all(torch.equal(v, before[k]) for k, v in reloaded.state_dict().items())
 
 
+class RerunGraph:
+    """A captured graph's replay semantics on the CPU: its recorded work runs again on the same
+    buffers. Capturing records and runs nothing, as a real capture executes nothing."""
+
+    def __init__(self, key, run, replays: Counter):
+        self.key, self.run, self.replays = key, run, replays
+
+    def replay(self):
+        self.replays[type(self.key).__name__] += 1
+        self.run()
+
+
+@pytest.mark.parametrize("limit", [None, 0], ids=["captured", "over-the-limit"])
+def test_a_captured_prefill_replays_with_the_eager_tokens_counters_and_trace(tiny_model, monkeypatch, limit):
+    """The graphed engine captures the prompt prefill per (rows, length) after its first run and
+    replays it in later calls (here: the second of two). Tokens, counters and trace stay the eager
+    engine's. Prefills over `PREFILL_GRAPH_TOKENS` run eager."""
+    from dllm_generation.engines import captured, graphed
+
+    replays = Counter()
+
+    def capture(self, key, run, *, keep):
+        self.graphs[key] = RerunGraph(key, run, replays)
+
+    monkeypatch.setattr(captured.CapturedPasses, "capture", capture)
+    monkeypatch.setattr(captured, "loop_support", lambda device: "no device loops in this test")
+    if limit is not None:
+        monkeypatch.setattr(graphed, "PREFILL_GRAPH_TOKENS", limit)
+    prompts = prompts_of([40, 70, 5], seed=4)  # prefixes of 64 slots (rows left-padded by whole blocks)
+    cfg = dict(max_new_tokens=48, **BASE)
+    want, eager = _decode(tiny_model, prompts, False, cfg)
+    settings = resolve_settings(GenerationConfig(**cfg), tiny_model.generation_config, tiny_model.config,
+                                num_layers=len(tiny_model.model.layers))
+    engine = None
+    for call in range(2):
+        runner = LayerStackRunner(tiny_model)
+        engine = engine or GraphedEngine(runner, settings, capture=True, compile_layers=False)
+        engine.bind(runner, settings)
+        engine.prepare(len(prompts), plan_layout([len(p) for p in prompts], 32, 48).capacity_blocks * 32)
+        decoder = BlockDiffusionDecoder(runner, settings, engine=engine, trace=True)
+        assert decoder.decode(prompts) == want
+        assert decoder.trace == eager.trace
+        assert decoder.stats.as_dict() | {"wall_seconds": 0} == eager.stats.as_dict() | {"wall_seconds": 0}
+    prefill_keys = [key for key in engine.captured.graphs if isinstance(key, graphed.PrefillKey)]
+    if limit is None:
+        assert prefill_keys == [graphed.PrefillKey(rows=3, length=64, mask_id=TINY_MASK)]
+        assert replays["PrefillKey"] == 1 and replays["PassKey"] > 0
+    else:
+        assert prefill_keys == [] and replays["PrefillKey"] == 0
+
+
 def test_running_out_of_memory_while_capturing_frees_the_graphs_and_decodes_on(tiny_model, monkeypatch, caplog):
     """Simulated on the CPU: capturing raises OutOfMemoryError. The engine drops every graph it held
     (here one captured earlier for another pass shape), logs why, and finishes the decode

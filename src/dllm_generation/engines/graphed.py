@@ -12,6 +12,8 @@ the same modules, but:
   choice and unmask rule are part of the pass;
 * **CUDA graphs** (`captured.py`): each pass shape is captured once, after one uncaptured run that
   does the real work, and replayed, so a step costs one small host->device copy and one replay;
+* **the prompt prefill captured** too, per (rows, length), where it is small enough to be bound by
+  its kernel launches rather than its matrix products (`PREFILL_GRAPH_TOKENS`);
 * **repeated steps on the device** (`device_loop.py`): a step the decoder allows to repeat
   (`plan.Repeat`) computes in its own graph whether it would be planned again, and a CUDA graph
   WHILE node runs it again while so (through the passes of its layer-reuse cycle, if it has one);
@@ -27,6 +29,7 @@ eager engine token for token, with identical counters and traces.
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -36,6 +39,21 @@ from .captured import CapturedPasses
 from .packed_pass import PackedPass, PassKey
 from .plan import ForwardKind, LayerAction, Repeat, StepPlan, StepRuns
 from .static_store import StaticBlockDiffusionCache, StaticStore
+
+# Prefills of at most this many prompt tokens (rows x length) are captured and replayed. Eager, a
+# prefill is ~1,500 kernel launches and at this size the launches, not the matrix products, set
+# its time; larger ones are bound by their products, and a graph would only hold their
+# activations in the graphs' memory pool.
+PREFILL_GRAPH_TOKENS = 2048
+
+
+@dataclass(frozen=True)
+class PrefillKey:
+    """Everything a captured prefill depends on besides the static buffers."""
+
+    rows: int
+    length: int  # prompt slots forwarded (whole blocks)
+    mask_id: int
 
 
 class GraphedEngine(Engine):
@@ -144,6 +162,32 @@ class GraphedEngine(Engine):
     @property
     def mode(self) -> str:
         return "compile" if self.compile_layers else ("graphs" if self.capture else "uncaptured")
+
+    # -- the prompt prefill ----------------------------------------------------------------------
+    def prefill(self, prefix_tokens: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        """The base engine's prefill, through the static prompt buffers, captured after its first
+        run for this (rows, length) and replayed from then on, when it is at most
+        `PREFILL_GRAPH_TOKENS` tokens."""
+        rows, length = prefix_tokens.shape
+        if not self.capture or rows * length > PREFILL_GRAPH_TOKENS:
+            return super().prefill(prefix_tokens, pad)
+        st = self.store
+        st.prompt[:rows, :length].copy_(prefix_tokens)
+        st.pad[:rows].copy_(pad)
+        key = PrefillKey(rows, length, int(self.settings.mask_token_id))
+        if not self.captured.replay(key):
+            self._prefill_on_buffers(rows, length)
+            self.captured.capture(key, lambda: self._prefill_on_buffers(rows, length), keep=False)
+        self.cache.advance(length)
+        return st.out_tok[:rows].clone()
+
+    def _prefill_on_buffers(self, rows: int, length: int) -> None:
+        """The prefill's device work, from the static prompt buffers into `out_tok`. The cache's
+        prefix length is left as it was, since a replay of the captured work does not move it."""
+        st, cache = self.store, self.cache
+        prefix_len = cache.prefix_len
+        st.out_tok[:rows].copy_(super().prefill(st.prompt[:rows, :length], st.pad[:rows]))
+        cache.prefix_len = prefix_len
 
     # -- running passes --------------------------------------------------------------------------
     def _pass(self, key: PassKey) -> None:

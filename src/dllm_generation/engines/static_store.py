@@ -38,6 +38,7 @@ class StaticStore:
             self.fields[name] = self.meta[at: at + n]
             at += n
         self.block = torch.zeros(rows, block_size, dtype=torch.long, device=device)
+        self.prompt = torch.zeros(rows, capacity, dtype=torch.long, device=device)  # a captured prefill's input
         self.pad = torch.zeros(rows, dtype=torch.long, device=device)
         self.finished = torch.zeros(rows, dtype=torch.bool, device=device)
         self.out_tok = torch.zeros(rows, dtype=torch.long, device=device)
