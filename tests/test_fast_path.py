@@ -244,6 +244,40 @@ def test_qkv_weights_share_one_storage_without_a_second_copy(tiny_path, tmp_path
     assert all(torch.equal(v, before[k]) for k, v in reloaded.state_dict().items())
 
 
+def test_attended_keys_round_up_to_a_few_sizes_within_the_capacity():
+    from dllm_generation.engines.packed_pass import attended_keys
+
+    sizes = [attended_keys(n, 10**6) for n in (1, 128, 129, 257, 385, 513, 769, 1025, 1537, 2049, 3073)]
+    assert sizes == [128, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096]
+    assert attended_keys(600, 448) == 448 and attended_keys(96, 448) == 128
+
+
+def test_after_a_long_prompt_a_short_one_attends_only_the_keys_it_needs(tiny_model, monkeypatch):
+    """The static buffers keep the capacity of the largest call so far; a later call's passes read
+    only the keys their prefix and block need (rounded up to `attended_keys`), with the eager
+    engine's tokens and counters."""
+    from dllm_generation.engines.packed_pass import PackedPass, attended_keys
+
+    release(tiny_model)
+    long_prompt, short = prompts_of([600], seed=6), prompts_of([100], seed=7)
+    generate_new_tokens(tiny_model, long_prompt, max_new_tokens=32, fast_path="uncaptured", **BASE)
+    capacity = graphed_engine_of(tiny_model).store.capacity
+    attended, real_attend = [], PackedPass._attend
+
+    def attend(self, queries, keys, values, *args):
+        attended.append(keys.shape[2])
+        return real_attend(self, queries, keys, values, *args)
+
+    monkeypatch.setattr(PackedPass, "_attend", attend)
+    want, ws = generate_new_tokens(tiny_model, short, max_new_tokens=96, fast_path=False, **BASE)
+    got, gs = generate_new_tokens(tiny_model, short, max_new_tokens=96, fast_path="uncaptured", **BASE)
+    assert got == want and {k: gs[k] for k in COUNTERS} == {k: ws[k] for k in COUNTERS}
+    # The prompt's 3 whole blocks are the prefix (96 slots); the prefix grows by a block per commit,
+    # and a pass needs its prefix and its block: 128, then 160-224 slots.
+    assert capacity >= 640 and set(attended) == {attended_keys(128, capacity), attended_keys(160, capacity)} == {128, 256}
+    release(tiny_model)
+
+
 class RerunGraph:
     """A captured graph's replay semantics on the CPU: its recorded work runs again on the same
     buffers. Capturing records and runs nothing, as a real capture executes nothing."""

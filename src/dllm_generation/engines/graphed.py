@@ -36,7 +36,7 @@ import torch
 
 from .base import Engine
 from .captured import CapturedPasses
-from .packed_pass import PackedPass, PassKey
+from .packed_pass import PackedPass, PassKey, attended_keys
 from .plan import ForwardKind, LayerAction, Repeat, StepPlan, StepRuns
 from .static_store import StaticBlockDiffusionCache, StaticStore
 
@@ -225,8 +225,9 @@ class GraphedEngine(Engine):
     def _key(self, rb, rs, actions, commit, span, repeat=False) -> PassKey:
         s = self.settings
         residual = self.residual_reuse and any(action is not LayerAction.RUN for action in actions)
+        keys = attended_keys(self.cache.prefix_len + s.block_size, self.store.capacity)
         return PassKey(rb, rs, actions, residual, commit, span, float(s.threshold),
-                       int(s.mask_token_id), repeat)
+                       int(s.mask_token_id), repeat, keys)
 
     def _load_state(self, block, pad, finished) -> None:
         st = self.store

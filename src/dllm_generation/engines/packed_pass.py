@@ -8,8 +8,9 @@ projections' shared storage (`projections.py`: measured 0.36-0.43 ms less per 7B
 at 8-40 tokens; gate/up fused the same way through cuBLAS gained nothing at 8-40 tokens and lost at
 256). This
 module's own code is the packed attention: one call per layer for every row of the pass, over the
-static cache in place, with a per-row key-range mask over the whole capacity, so a pass's shapes
-depend only on its `PassKey`, never on the prefix. After the last layer's attention only the hidden
+static cache in place, over the first `PassKey.keys` slots (the prefix and block rounded up to one
+of a few sizes, `attended_keys`) with a per-row key-range mask, so a pass's shapes depend only on
+its `PassKey`, not on the exact prefix. After the last layer's attention only the hidden
 states the logits read go on through o_proj and the MLP (8 per row instead of a whole block's 32:
 1.7 % more tok/s at batch 32 on an H200 in float32, nothing at batch 1). The step's token choice and unmask rule
 (`rules.py`, the eager engine's own) end the pass, so they are part of its graph.
@@ -58,6 +59,19 @@ class PassKey:
     threshold: float
     mask_id: int
     repeat: bool  # a step that may repeat: the pass counts its runs and computes whether to run again
+    keys: int  # key slots the attention reads (`attended_keys`); the mask hides those past each row's block
+
+
+def attended_keys(needed: int, capacity: int) -> int:
+    """How many key slots a pass attends when its rows need the first `needed` (the prefix and
+    the block): `needed` rounded up to 128, 256, 384, 512, 768, 1024, 1536, 2048, ... and capped
+    at the static capacity. The attention's time follows the keys it reads, and the static
+    buffers keep the capacity of the largest call so far; a few sizes keep the graphs few."""
+    size = 128
+    while size < needed:
+        power = 1 << (size.bit_length() - 1)
+        size = power * 3 // 2 if size == power and size >= 256 else 2 * power
+    return min(size, capacity)
 
 
 def _rotary_function(layer):
@@ -238,11 +252,11 @@ class PackedPass:
                 torch._dynamo.maybe_mark_dynamic(tensor, dim)
 
     @staticmethod
-    def _key_mask(st: StaticStore, pad: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
-        """[R, 1, 1, capacity] additive mask: 0 on each row's keys (after its padding, before
+    def _key_mask(st: StaticStore, pad: torch.Tensor, limit: torch.Tensor, keys: int) -> torch.Tensor:
+        """[R, 1, 1, keys] additive mask: 0 on each row's keys (after its padding, before
         `limit`), -inf elsewhere. Made once per pass: given a boolean mask, SDPA would build this
         same mask again in every layer (three more kernels per layer)."""
-        ar = st.ar_cap
+        ar = st.ar_cap[:keys]
         allowed = (ar[None, :] >= pad[:, None]) & (ar[None, :] < limit)
         mask = torch.zeros(allowed.shape, dtype=st.dtype, device=ar.device)
         return mask.masked_fill_(~allowed, float("-inf"))[:, None, None, :]
@@ -277,7 +291,7 @@ class PackedPass:
         x = runner.embed(tokens)
         cos, sin = runner.rotary(x[None], positions[None])
         cos, sin = cos[0], sin[0]
-        mask = self._key_mask(st, st.pad[: key.span], prefix + bs)
+        mask = self._key_mask(st, st.pad[: key.span], prefix + bs, key.keys)
         qlen = bs if rb else sbs
         queries = st.queries[: key.span * self.n_heads * qlen * self.head_dim].view(-1, qlen, self.head_dim)
         query_rows, query_slots = self.math.queries_at(rows_T, f["qslot_T"][:n_tok])
@@ -305,7 +319,8 @@ class PackedPass:
             self._vary(x)
             self.pre(layer, *self.qkv[i], x, cos, sin, st.keys[i], st.values[i], queries, rows_T, slot_T,
                      query_rows, query_slots)
-            attended = self._attend(queries, st.keys[i], st.values[i], mask, key.span, qlen)
+            attended = self._attend(queries, st.keys[i][:, :, : key.keys], st.values[i][:, :, : key.keys], mask,
+                                    key.span, qlen)
             self._vary(attended, 0, 1)
             if trim_last and i == last_layer:
                 x, query_rows, query_slots = x[read], query_rows[read], query_slots[read]
