@@ -377,3 +377,16 @@ def test_a_busy_host_is_other_processes_cpu_use_not_this_processes_own():
 
     note = comparability({"environment": {"device": "cuda:0", "busy": True, "cpu_count": 2, "other_cpu_use_before": 1.4}})
     assert note == "busy host (other processes used 1.4 of 2 CPUs): tok/s not comparable"
+
+
+def test_the_fast_path_label_says_what_fell_back_inside_the_engine():
+    from dllm_generation.eval.model_calls import fast_path_label
+
+    assert fast_path_label(None) is None
+    assert fast_path_label("off (device is cpu, not CUDA)") == "off (device is cpu, not CUDA)"
+    ran = {"mode": "compile", "compile_failure": None, "graph_failure": None, "prefill_failure": None}
+    assert fast_path_label(ran) == "compile"
+    assert fast_path_label(ran | {"prefill_failure": "RuntimeError: x"}) == "compile (prefill capture failed: eager prefills)"
+    assert fast_path_label(ran | {"graph_failure": "out of memory while capturing"}) == \
+        "compile (graph capture failed: uncaptured passes)"
+    assert fast_path_label(ran | {"compile_failure": "x"}) == "compile (torch.compile failed: uncompiled layers)"

@@ -299,7 +299,7 @@ def test_a_captured_prefill_replays_with_the_eager_tokens_counters_and_trace(tin
 
     replays = Counter()
 
-    def capture(self, key, run, *, keep):
+    def capture(self, key, run, *, keep, optional=False):
         self.graphs[key] = RerunGraph(key, run, replays)
 
     monkeypatch.setattr(captured.CapturedPasses, "capture", capture)
@@ -327,6 +327,56 @@ def test_a_captured_prefill_replays_with_the_eager_tokens_counters_and_trace(tin
         assert replays["PrefillKey"] == 1 and replays["PassKey"] > 0
     else:
         assert prefill_keys == [] and replays["PrefillKey"] == 0
+
+
+def test_a_prefill_that_cannot_be_captured_runs_eager_and_the_passes_keep_their_graphs(tiny_model, monkeypatch,
+                                                                                       caplog):
+    """A capture of the prefill that fails (here: raising as an operation forbidden while capturing
+    does) is logged once; prefills then run eager, the passes are still captured and replayed, and
+    the tokens stay the eager engine's."""
+    from contextlib import contextmanager
+
+    from dllm_generation.engines import captured, graphed
+
+    replays, attempts = Counter(), []
+    real_capture = captured.CapturedPasses.capture
+
+    @contextmanager
+    def forbidden(graph, pool=None):
+        attempts.append(graph)
+        raise RuntimeError("operation not permitted when stream is capturing")
+        yield  # pragma: no cover
+
+    def capture(self, key, run, *, keep, optional=False):
+        if not isinstance(key, graphed.PrefillKey):
+            self.graphs[key] = RerunGraph(key, run, replays)
+            return None
+        with monkeypatch.context() as patch:
+            patch.setattr(captured.torch.cuda, "CUDAGraph", lambda keep_graph=False: object())
+            patch.setattr(captured.torch.cuda, "graph", forbidden)
+            patch.setattr(captured.torch.cuda, "graph_pool_handle", lambda: object())
+            patch.setattr(captured.torch.cuda, "synchronize", lambda *a, **k: None)
+            return real_capture(self, key, run, keep=keep, optional=optional)
+
+    monkeypatch.setattr(captured.CapturedPasses, "capture", capture)
+    monkeypatch.setattr(captured, "loop_support", lambda device: "no device loops in this test")
+    prompts = prompts_of([40, 70, 5], seed=4)
+    cfg = dict(max_new_tokens=48, **BASE)
+    want, _ = _decode(tiny_model, prompts, False, cfg)
+    settings = resolve_settings(GenerationConfig(**cfg), tiny_model.generation_config, tiny_model.config,
+                                num_layers=len(tiny_model.model.layers))
+    engine = None
+    with caplog.at_level("WARNING", logger="dllm_generation.engines.graphed"):
+        for call in range(2):
+            runner = LayerStackRunner(tiny_model)
+            engine = engine or GraphedEngine(runner, settings, capture=True, compile_layers=False)
+            engine.bind(runner, settings)
+            engine.prepare(len(prompts), plan_layout([len(p) for p in prompts], 32, 48).capacity_blocks * 32)
+            assert BlockDiffusionDecoder(runner, settings, engine=engine).decode(prompts) == want
+    described = engine.describe()
+    assert len(attempts) == 1 and described["prefill_failure"].startswith("RuntimeError: operation not permitted")
+    assert described["graph_failure"] is None and replays["PassKey"] > 0
+    assert caplog.text.count("capturing the prompt prefill failed, prefills run eager") == 1
 
 
 def test_running_out_of_memory_while_capturing_frees_the_graphs_and_decodes_on(tiny_model, monkeypatch, caplog):

@@ -49,11 +49,13 @@ class CapturedPasses:
         self.replays += 1
         return True
 
-    def capture(self, key, run: Callable[[], None], *, keep: bool) -> None:
+    def capture(self, key, run: Callable[[], None], *, keep: bool, optional: bool = False) -> str | None:
         """Capture `run` (which has just run uncaptured) as the key's graph; `keep`: the graph may
-        become a device loop's body."""
+        become a device loop's body. Returns why it was not captured, or None. Running out of
+        memory frees every graph and ends capturing, and so does any other failure, unless
+        `optional`: then the caller stops asking for that kind of graph and the others go on."""
         if self.graph_failure is not None:
-            return
+            return self.graph_failure
         while len(self.graphs) >= MAX_GRAPHS:
             dropped, _ = self.graphs.popitem(last=False)
             for keys in [keys for keys in self.loops if dropped in keys]:
@@ -74,15 +76,19 @@ class CapturedPasses:
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
             logger.warning("graphed engine: %s; graphs freed, continuing without them", self.graph_failure)
-            return
+            return self.graph_failure
         except Exception as err:  # capture is an optimisation: keep decoding uncaptured
-            self.graph_failure = f"{type(err).__name__}: {err}"
-            logger.warning("graphed engine: CUDA graph capture failed, continuing without graphs: %s", self.graph_failure)
+            failure = f"{type(err).__name__}: {err}"
             torch.cuda.synchronize()
-            return
+            if optional:
+                return failure
+            self.graph_failure = failure
+            logger.warning("graphed engine: CUDA graph capture failed, continuing without graphs: %s", failure)
+            return failure
         self.graphs[key] = graph
         self.captures += 1
         self.capture_seconds += time.perf_counter() - t0
+        return None
 
     def launch_loop(self, keys: tuple) -> bool:
         """Run the device loop through the passes `keys`; False if there is none."""

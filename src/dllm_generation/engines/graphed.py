@@ -28,6 +28,7 @@ eager engine token for token, with identical counters and traces.
 
 from __future__ import annotations
 
+import logging
 import weakref
 from dataclasses import dataclass
 
@@ -39,6 +40,8 @@ from .captured import CapturedPasses
 from .packed_pass import PackedPass, PassKey, attended_keys
 from .plan import ForwardKind, LayerAction, Repeat, StepPlan, StepRuns
 from .static_store import StaticBlockDiffusionCache, StaticStore
+
+logger = logging.getLogger(__name__)
 
 # Prefills of at most this many prompt tokens (rows x length) are captured and replayed. Eager, a
 # prefill is ~1,500 kernel launches and at this size the launches, not the matrix products, set
@@ -73,6 +76,7 @@ class GraphedEngine(Engine):
         self.store: StaticStore | None = None
         self.uncaptured_passes = 0
         self.repeated_runs = 0  # runs of a step after its first, on the device or from the host
+        self.prefill_failure: str | None = None  # why prompt prefills run eager (a capture failed)
         self._runner_ref = None
         self._bind_model(runner)
 
@@ -157,6 +161,7 @@ class GraphedEngine(Engine):
                    for name, value in now.items()},
                 "device_loops_held": len(c.loops), "graph_failure": c.graph_failure,
                 "compile_failure": self.packed.compile_failure, "loop_failure": c.loop_failure,
+                "prefill_failure": self.prefill_failure,
                 "evictions": c.evictions, "few_token_gate_up": self.packed.few_token_gate_up}
 
     @property
@@ -177,7 +182,13 @@ class GraphedEngine(Engine):
         key = PrefillKey(rows, length, int(self.settings.mask_token_id))
         if not self.captured.replay(key):
             self._prefill_on_buffers(rows, length)
-            self.captured.capture(key, lambda: self._prefill_on_buffers(rows, length), keep=False)
+            if self.prefill_failure is None:
+                failure = self.captured.capture(key, lambda: self._prefill_on_buffers(rows, length), keep=False,
+                                                optional=True)
+                if failure is not None and self.captured.graph_failure is None:
+                    self.prefill_failure = failure
+                    logger.warning("graphed engine: capturing the prompt prefill failed, prefills run eager "
+                                   "(the passes keep their graphs): %s", failure)
         self.cache.advance(length)
         return st.out_tok[:rows].clone()
 

@@ -229,6 +229,8 @@ def fast_path_label(reported) -> str | None:
         label += " (torch.compile failed: uncompiled layers)"
     if reported.get("graph_failure"):
         label += " (graph capture failed: uncaptured passes)"
+    elif reported.get("prefill_failure"):
+        label += " (prefill capture failed: eager prefills)"
     return label
 
 
