@@ -290,6 +290,23 @@ class RerunGraph:
         self.run()
 
 
+def _decode_twice_on_one_capturing_engine(model, prompts, cfg):
+    """Two decodes of `prompts` by one graphed engine that captures (the test stands in for the
+    graphs); returns the engine and each call's (tokens, decoder)."""
+    settings = resolve_settings(GenerationConfig(**cfg), model.generation_config, model.config,
+                                num_layers=len(model.model.layers))
+    capacity = plan_layout([len(p) for p in prompts], 32, cfg["max_new_tokens"]).capacity_blocks * 32
+    engine, calls = None, []
+    for _ in range(2):
+        runner = LayerStackRunner(model)
+        engine = engine or GraphedEngine(runner, settings, capture=True, compile_layers=False)
+        engine.bind(runner, settings)
+        engine.prepare(len(prompts), capacity)
+        decoder = BlockDiffusionDecoder(runner, settings, engine=engine, trace=True)
+        calls.append((decoder.decode(prompts), decoder))
+    return engine, calls
+
+
 @pytest.mark.parametrize("limit", [None, 0], ids=["captured", "over-the-limit"])
 def test_a_captured_prefill_replays_with_the_eager_tokens_counters_and_trace(tiny_model, monkeypatch, limit):
     """The graphed engine captures the prompt prefill per (rows, length) after its first run and
@@ -309,17 +326,9 @@ def test_a_captured_prefill_replays_with_the_eager_tokens_counters_and_trace(tin
     prompts = prompts_of([40, 70, 5], seed=4)  # prefixes of 64 slots (rows left-padded by whole blocks)
     cfg = dict(max_new_tokens=48, **BASE)
     want, eager = _decode(tiny_model, prompts, False, cfg)
-    settings = resolve_settings(GenerationConfig(**cfg), tiny_model.generation_config, tiny_model.config,
-                                num_layers=len(tiny_model.model.layers))
-    engine = None
-    for call in range(2):
-        runner = LayerStackRunner(tiny_model)
-        engine = engine or GraphedEngine(runner, settings, capture=True, compile_layers=False)
-        engine.bind(runner, settings)
-        engine.prepare(len(prompts), plan_layout([len(p) for p in prompts], 32, 48).capacity_blocks * 32)
-        decoder = BlockDiffusionDecoder(runner, settings, engine=engine, trace=True)
-        assert decoder.decode(prompts) == want
-        assert decoder.trace == eager.trace
+    engine, calls = _decode_twice_on_one_capturing_engine(tiny_model, prompts, cfg)
+    for got, decoder in calls:
+        assert got == want and decoder.trace == eager.trace
         assert decoder.stats.as_dict() | {"wall_seconds": 0} == eager.stats.as_dict() | {"wall_seconds": 0}
     prefill_keys = [key for key in engine.captured.graphs if isinstance(key, graphed.PrefillKey)]
     if limit is None:
@@ -363,16 +372,9 @@ def test_a_prefill_that_cannot_be_captured_runs_eager_and_the_passes_keep_their_
     prompts = prompts_of([40, 70, 5], seed=4)
     cfg = dict(max_new_tokens=48, **BASE)
     want, _ = _decode(tiny_model, prompts, False, cfg)
-    settings = resolve_settings(GenerationConfig(**cfg), tiny_model.generation_config, tiny_model.config,
-                                num_layers=len(tiny_model.model.layers))
-    engine = None
     with caplog.at_level("WARNING", logger="dllm_generation.engines.graphed"):
-        for call in range(2):
-            runner = LayerStackRunner(tiny_model)
-            engine = engine or GraphedEngine(runner, settings, capture=True, compile_layers=False)
-            engine.bind(runner, settings)
-            engine.prepare(len(prompts), plan_layout([len(p) for p in prompts], 32, 48).capacity_blocks * 32)
-            assert BlockDiffusionDecoder(runner, settings, engine=engine).decode(prompts) == want
+        engine, calls = _decode_twice_on_one_capturing_engine(tiny_model, prompts, cfg)
+    assert [got for got, _ in calls] == [want, want]
     described = engine.describe()
     assert len(attempts) == 1 and described["prefill_failure"].startswith("RuntimeError: operation not permitted")
     assert described["graph_failure"] is None and replays["PassKey"] > 0
