@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
+
+from dllm_generation.eval.artifacts import write_text_atomic
 
 import throughput  # benchmarks/throughput.py, beside this script (as fast_path_agreement.py imports it)
 
@@ -245,10 +246,7 @@ def main(argv=None) -> int:
         print(f"{label}: ms/forward {found['ms_per_forward']}, replay per pass {found['replay_ms']}, first calls "
               f"{found['first_calls_seconds']} s", flush=True)
     if args.json_out:
-        tmp = f"{args.json_out}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=1, default=str)
-        os.replace(tmp, args.json_out)
+        write_text_atomic(args.json_out, json.dumps(results, indent=1, default=str))
     return 0
 
 

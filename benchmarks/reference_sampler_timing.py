@@ -236,6 +236,7 @@ def environment(args) -> dict:
 
 
 def write_atomically(path: str, data: dict) -> None:
+    """The library's `write_text_atomic` for this script, which runs where the library is not installed."""
     tmp = f"{path}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=1)

@@ -51,6 +51,7 @@ from pathlib import Path
 
 import torch
 
+from dllm_generation.eval.artifacts import write_text_atomic
 from dllm_generation.eval.cli import parse_size
 
 
@@ -484,10 +485,7 @@ def main(argv=None):
 
     def save():
         if args.json_out:
-            tmp = args.json_out + ".tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(results, f, indent=1)
-            os.replace(tmp, args.json_out)
+            write_text_atomic(args.json_out, json.dumps(results, indent=1))
 
     def out_of_time():
         return args.time_budget is not None and time.perf_counter() - t_start > args.time_budget
