@@ -49,7 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--gsm8k-share", type=float, default=0.3, help="share of GSM8K rows in the mixture; the rest is arith")
     p.add_argument("--max-tokens", type=int, default=512, help="GSM8K rows longer than this (prompt + answer) are left out")
     p.add_argument("--seed", type=int, default=0, help="seed of the adapter init, the data order and the masks")
-    p.add_argument("--max-steps", type=int, default=400, help="optimizer steps")
+    p.add_argument("--max-steps", type=int, default=300, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=64, help="examples per optimizer step")
     p.add_argument("--micro-batch-size", type=int, default=16,
                    help="examples per forward (the 49k-vocabulary logits dominate memory); batch-size is a multiple")
@@ -155,16 +155,17 @@ def main(argv=None) -> int:
     label = "block-diffusion" if mask_id is not None else "next-token"
     plot_loss(history, os.path.join(args.output_dir, "loss_curve.png"),
               title=f"SmolLM2-135M, {args.objective.replace('_', ' ')}: training loss", ylabel=f"{label} loss")
-    if trainer.state.global_step < args.max_steps:
-        logger.warning("stopped at step %d of %d (time limit); rerun the same command to resume",
-                       trainer.state.global_step, args.max_steps)
-        return 3
+    done = trainer.state.global_step
     export_adapter(trainer.model, tokenizer, os.path.join(args.output_dir, "model"), args=args,
-                   identity=identity, base=base)
+                   identity=identity, base=base, steps_done=done)
+    if done < args.max_steps:
+        logger.warning("stopped at step %d of %d (time limit): the adapter in %s/model is a partial one; rerun "
+                       "the same command to resume", done, args.max_steps, args.output_dir)
+        return 3
     return 0
 
 
-def export_adapter(model, tokenizer, path: str, *, args, identity: str, base) -> str:
+def export_adapter(model, tokenizer, path: str, *, args, identity: str, base, steps_done: int | None = None) -> str:
     """The adapter folder `load_model` reads: adapter, tokenizer, config, base manifest, SHA256SUMS.
 
     Written into a sibling temp folder and renamed into place, so a folder at `path` is always whole.
@@ -174,7 +175,7 @@ def export_adapter(model, tokenizer, path: str, *, args, identity: str, base) ->
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    model.to(torch.bfloat16)  # training is over; bf16 halves the shipped adapter
+    model.to(torch.bfloat16)  # called once training is over; bf16 halves the shipped adapter
     model.save_pretrained(tmp, save_embedding_layers=False)
     tokenizer.save_pretrained(tmp)
     config = model.get_base_model().config.to_dict()
@@ -191,7 +192,7 @@ def export_adapter(model, tokenizer, path: str, *, args, identity: str, base) ->
     manifest = {"base_file": GGUF_FILE, "base_fingerprint": identity, "base_source": base.source,
                 "base_requirement": WHEEL_REQUIREMENT, "objective": args.objective,
                 "block_size": BLOCK_SIZE if args.objective == "block_diffusion" else None, "seed": args.seed,
-                "max_steps": args.max_steps}
+                "max_steps": args.max_steps, "steps_done": args.max_steps if steps_done is None else steps_done}
     with open(os.path.join(tmp, BASE_MANIFEST), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=2)
     write_checksums(tmp)
