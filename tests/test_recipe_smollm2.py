@@ -165,3 +165,41 @@ def test_a_damaged_adapter_file_is_named(tiny_adapter):
     (folder / "SHA256SUMS").unlink()
     with pytest.raises(ChecksumError, match="no SHA256SUMS"):
         adapter_model.load_adapter_model(str(folder), gguf=str(gguf))
+
+
+# ---------------------------------------------------------------------------- the shipped model
+SHIPPED = REPO / "src" / "dllm_generation" / "recipes" / "smollm2_bd"
+needs_shipped = pytest.mark.skipif(
+    not (SHIPPED / "SHA256SUMS").is_file(), reason=f"no trained smollm2-bd adapter in this checkout ({SHIPPED})")
+needs_base = pytest.mark.skipif(
+    base_model.installed_gguf() is None,
+    reason=f"the smollm2-bd base weights are not installed; fetch them with: {base_model.FETCH_COMMAND}")
+
+
+@needs_shipped
+def test_the_shipped_adapter_is_small_and_checked():
+    from dllm_generation.loading import shipped_model_path
+
+    path = shipped_model_path("smollm2-bd")  # verifies SHA256SUMS
+    size = sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path))
+    assert size <= 30 * 1024 * 1024, size
+    manifest = adapter_model.read_manifest(path)
+    assert manifest["objective"] == "block_diffusion" and manifest["base_fingerprint"].startswith("sha256:")
+    assert manifest["steps_done"] == manifest["max_steps"]
+
+
+@needs_shipped
+@needs_base
+def test_the_shipped_model_decodes_the_recorded_slice(tmp_path):
+    """The fixed slice of the held-out arith set, decoded on the CPU in float32, as recorded after training."""
+    from dllm_generation.eval.cli import main
+
+    record = json.loads(SLICE_RECORD.read_text())
+    argv = ["--model", "smollm2-bd", "--limit", str(record["rows"]), "--batch-size", "1", "--dtype", "float32",
+            "--device", "cpu", "--output-dir", str(tmp_path), "--run-name", "slice", "--no-warmup"]
+    assert main("arith", argv) == 0
+    summary = json.loads((tmp_path / "arith" / "slice" / "summary.json").read_text())
+    assert summary["counts"]["samples"] == record["rows"]
+    assert summary["throughput"]["tokens_per_forward"] >= 1.5
+    assert summary["accuracy"] == pytest.approx(record["accuracy"]), (summary["accuracy"], record)
+    assert summary["counts"]["correct"] == record["correct"], (summary["counts"], record)
