@@ -148,7 +148,7 @@ def test_chains_are_offered_only_where_a_second_run_can_happen(tiny_model, monke
     its sub-block's last masked slot (its first run surely ends the chain), never for unmask_drift;
     with k=2 the cycle alternates compute and recall, starting with the step's own actions."""
     from dllm_generation.engines.eager import EagerEngine
-    from dllm_generation.engines.plan import LayerAction
+    from dllm_generation.plan import LayerAction
 
     offered, refused_single = [], []
     real = EagerEngine.denoise

@@ -14,7 +14,8 @@ from transformers import GenerationConfig
 from dllm_generation import BlockDiffusionCache, LayerReuseConfig
 from dllm_generation.config import resolve_settings
 from dllm_generation.decoding import BlockDiffusionDecoder
-from dllm_generation.engines.plan import ForwardKind, layer_actions
+from dllm_generation.plan import ForwardKind, LayerAction, layer_actions
+from dllm_generation.reuse.schedule import RowStep
 from dllm_generation.runner import LayerStackRunner, ReusePlan
 from dllm_generation.testing import random_prompts
 
@@ -290,15 +291,21 @@ def test_recall_falls_back_to_compute_when_the_entry_does_not_cover_the_request(
     runner = LayerStackRunner(tiny_model)
     settings = resolve_settings(GenerationConfig(max_new_tokens=32, layer_reuse=LayerReuseConfig(k=2, layers=[1, 2])),
                                 tiny_model.generation_config, tiny_model.config, num_layers=runner.num_layers)
-    decoder = BlockDiffusionDecoder(runner, settings)
+    schedule = BlockDiffusionDecoder(runner, settings).reuse
+    schedule.start(3)
+    schedule.start_block(3, 0)
     # Serials in block 0: sub-block j is j. Row 0's entries are from sub-block 1's slots 8..16 (a
     # sub-block forward); row 1's layer 1 from sub-block 2's slots, its layer 2 from the whole block.
-    decoder.reuse_entries = [{1: (1, 8, 16), 2: (1, 8, 16)}, {1: (2, 16, 24), 2: (2, 0, 32)}, {1: (1, 0, 32)}]
-    decisions = {0: (ForwardKind.SUB, (False, False)), 1: (ForwardKind.BLOCK, (False, False)),
-                 2: (ForwardKind.SUB, (False, False))}
-    decoder._compute_where_uncovered(decisions, decoder._spans(decisions, [1, 2, 2], 0))
-    assert decisions == {
-        0: (ForwardKind.SUB, (False, False)),  # same sub-block and slots: recall
-        1: (ForwardKind.BLOCK, (True, False)),  # a whole-block request: only the whole-block entry covers it
-        2: (ForwardKind.SUB, (True, True)),  # another sub-block's entry (layer 1) or none (layer 2): compute
+    schedule.entries = [{1: (1, 8, 16), 2: (1, 8, 16)}, {1: (2, 16, 24), 2: (2, 0, 32)}, {1: (1, 0, 32)}]
+    # Every row at step 1 of its sub-block, where k=2 plans a recall of both target layers.
+    for state, sub in zip(schedule.rows, [1, 2, 2]):
+        state.sub, state.step = sub, 1
+    steps = {0: RowStep(ForwardKind.SUB, 1, 4), 1: RowStep(ForwardKind.BLOCK, 2, 4), 2: RowStep(ForwardKind.SUB, 2, 4)}
+    decided = schedule.decide(steps, may_repeat=False).actions
+    computes = {r: tuple(decided[r][layer] is LayerAction.STORE for layer in (1, 2)) for r in decided}
+    assert computes == {
+        0: (False, False),  # same sub-block and slots: recall
+        1: (True, False),  # a whole-block request: only the whole-block entry covers it
+        2: (True, True),  # another sub-block's entry (layer 1) or none (layer 2): compute
     }
+    assert all(decided[r][layer] is LayerAction.RECALL for r, layer in ((0, 1), (0, 2), (1, 2)))

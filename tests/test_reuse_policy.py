@@ -239,7 +239,7 @@ def test_decisions_equal_the_rule_written_out_per_row(config):
     step-count policy's `ahead` foretells the decisions of the steps that follow in the sub-block."""
     import random
 
-    from dllm_generation.reuse_policy import ReuseSchedule, RowSchedule
+    from dllm_generation.reuse.policies import make_policy
 
     rng = random.Random(0)
     sbs, rows, steps = 8, 5, 40
@@ -252,8 +252,8 @@ def test_decisions_equal_the_rule_written_out_per_row(config):
             if masked <= 0:
                 sub, masked = sub + 1, sbs
         histories.append(history)
-    schedule = ReuseSchedule(config, sbs, 2)
-    states = [RowSchedule() for _ in range(rows)]
+    schedule = make_policy(config, sbs, 2)
+    states = [schedule.new_row() for _ in range(rows)]
     got = [[] for _ in range(rows)]
     foretold = [[] for _ in range(rows)]
     for t in range(steps):
@@ -263,7 +263,7 @@ def test_decisions_equal_the_rule_written_out_per_row(config):
             got[r].append(list(decided))
             ahead = schedule.ahead(states[r].step)
             foretold[r].append(None if ahead is None else [list(a) for a in ahead])
-            ReuseSchedule.record(states[r], decided, masked_now)
+            schedule.record(states[r], decided, masked_now)
     for r in range(rows):
         want = _reference_decisions(config, sbs, 2, histories[r])
         assert got[r] == want, r

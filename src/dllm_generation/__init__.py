@@ -3,7 +3,6 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from .cache import BlockDiffusionCache
-from .config import LayerReuseConfig
 from .engines import release
 from .generation import BlockDiffusionGenerateOutput, BlockDiffusionGenerationMixin
 from .loading import (
@@ -12,6 +11,7 @@ from .loading import (
     attach_block_diffusion,
     load_model,
 )
+from .reuse import LayerReuseConfig
 from .scoring import loglikelihood
 
 __all__ = [

@@ -1,31 +1,22 @@
-"""Decoding settings: `LayerReuseConfig` and the diffusion fields read from a `GenerationConfig`.
+"""Decoding settings: the diffusion fields read from a `GenerationConfig`, merged and validated.
 
 Everything is validated here, before any compute, with messages that name the field and the
-allowed values. `GenerationConfig` keeps unknown fields as attributes and serialises dataclasses
-through their `to_dict`; a reloaded config therefore holds `layer_reuse` as a plain dict, which
-`LayerReuseConfig.coerce` rehydrates.
+allowed values; `layer_reuse` is validated by `LayerReuseConfig` (reuse/config.py), re-exported
+here for code that imported it from this module.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+
+from .reuse.config import LayerReuseConfig, no_reuse
+
+__all__ = ["DIFFUSION_DEFAULTS", "FAST_PATH_VALUES", "DiffusionSettings", "FastPath", "LayerReuseConfig",
+           "resolve_settings", "validate_block_sizes", "validate_fast_path", "validate_threshold"]
 
 logger = logging.getLogger(__name__)
-
-SUBSETS = ("first", "middle", "last")
-REUSE_MODES = ("output", "residual")
-# How a reuse step is decided: "fixed" recomputes every k steps; "unmask_drift" recomputes once the
-# share of the sub-block unmasked since the stored entry exceeds `tolerance`; "per_layer" gives each
-# target layer its own period (see reuse_policy.py).
-REUSE_POLICIES = ("fixed", "unmask_drift", "per_layer")
-# Default reuse size: a share of the model's layers, so one setting fits every depth. 12 of 28
-# layers is the published layer-reuse experiment on Fast_dLLM_v2_7B; the same share is 6 of 14.
-DEFAULT_REUSE_SIZE = 12 / 28
 
 # Fields this library adds to GenerationConfig, with their defaults.
 DIFFUSION_DEFAULTS = {
@@ -59,37 +50,6 @@ def validate_fast_path(value) -> None:
     if value not in FAST_PATH_VALUES or (isinstance(value, int) and not isinstance(value, bool)):
         raise ValueError(f"fast_path must be one of {list(FAST_PATH_VALUES)}, got {value!r}")
 
-SIZE_RULE = (
-    "an integer >= 1 (that many layers) or a float in (0, 1) (that share of the model's layers, "
-    "rounded half up, at least 1)"
-)
-
-
-def is_share(size) -> bool:
-    """A reuse `size` given as a share of the layers (a float) rather than a count (an int)."""
-    return isinstance(size, float)
-
-
-def validate_size(size, where: str = "LayerReuseConfig.size") -> None:
-    """Raise ValueError naming `where` unless `size` is a count (int >= 1) or a share (float in (0, 1))."""
-    if (isinstance(size, bool) or not isinstance(size, (int, float))
-            or (isinstance(size, int) and size < 1) or (is_share(size) and not 0.0 < size < 1.0)):
-        raise ValueError(f"{where}={size!r} is out of range (allowed: {SIZE_RULE})")
-
-
-def validate_layers(layers, where: str = "LayerReuseConfig.layers") -> list[int]:
-    """Explicit reuse layers: a non-empty list of distinct integers >= 0; returned sorted."""
-    layers = list(layers)
-    if not layers:
-        raise ValueError(f"{where} must name at least one layer index (allowed: a non-empty list of indices >= 0)")
-    for idx in layers:
-        if isinstance(idx, bool) or not isinstance(idx, int) or idx < 0:
-            raise ValueError(f"{where}={layers!r} holds {idx!r} (allowed: a non-empty list of layer indices >= 0)")
-    dupes = sorted({i for i in layers if layers.count(i) > 1})
-    if dupes:
-        raise ValueError(f"{where}={layers!r} has duplicate indices {dupes} (allowed: distinct indices)")
-    return sorted(layers)
-
 
 def validate_block_sizes(block_size, small_block_size) -> None:
     for name, value in (("block_size", block_size), ("small_block_size", small_block_size)):
@@ -105,180 +65,6 @@ def validate_block_sizes(block_size, small_block_size) -> None:
 def validate_threshold(threshold) -> None:
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
         raise ValueError(f"threshold={threshold!r} is out of range (allowed: 0 < threshold <= 1)")
-
-
-def size_label(size) -> str:
-    """How a size appears in names: the count, or the share with 3 significant digits (0.429)."""
-    return f"{size:.3g}" if is_share(size) else str(size)
-
-
-@dataclass
-class LayerReuseConfig:
-    """Recompute `layers` (or a `subset` of `size` layers) only every `k` denoising steps.
-
-    `size`: an int is a count of layers; a float in (0, 1) is a share of the model's layers,
-    round(size * num_layers) with halves rounded up, at least 1. The default share 12/28 is the
-    published experiment's 12 of Fast_dLLM_v2_7B's 28 layers, and 6 of 14, 2 of 4 elsewhere. The
-    subset must leave at least one layer running (checked against the model before any compute).
-    `mode="output"`: on a reuse step a target layer returns its stored output for those positions.
-    `mode="residual"`: it returns its current input plus the stored (output - input), so tokens
-    unmasked since the store still flow through the skipped layer.
-    `policy="fixed"` (default): compute at steps 0, k, 2k, ... of every sub-block.
-    `policy="unmask_drift"`: compute at step 0, then whenever the share of the sub-block's slots
-    unmasked since the stored entry exceeds `tolerance`, or the entry is `max_staleness` steps old.
-    `policy="per_layer"`: target layer j computes at steps 0, layer_k[j], 2*layer_k[j], ... (one
-    period per target layer, in layer order; all 1 = no reuse, all k = the fixed policy).
-    """
-
-    k: int = 1
-    subset: str | None = "first"
-    # An int is a count of layers; a float in (0, 1) a share of the model's layers (see resolve_layers).
-    size: int | float = DEFAULT_REUSE_SIZE
-    layers: list[int] | None = None
-    mode: str = "output"
-    policy: str = "fixed"
-    # unmask_drift only: the largest share of the sub-block unmasked since the stored entry that still
-    # allows a recall (0 = never recall; every step unmasks at least one token).
-    tolerance: float | None = None
-    # unmask_drift only: recompute once the stored entry is this many steps old (None = no limit).
-    max_staleness: int | None = None
-    # per_layer only: one recompute period per target layer, in layer order.
-    layer_k: list[int] | None = None
-
-    def __post_init__(self):
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
-            raise ValueError(f"LayerReuseConfig.k must be an integer >= 1, got {self.k!r}")
-        self._check_policy()
-        if self.mode not in REUSE_MODES:
-            raise ValueError(f"LayerReuseConfig.mode must be one of {list(REUSE_MODES)}, got {self.mode!r}")
-        if self.layers is not None:
-            self.layers = validate_layers(self.layers)
-            self.subset = None
-        else:
-            if self.subset not in SUBSETS:
-                raise ValueError(
-                    f"LayerReuseConfig.subset must be one of {list(SUBSETS)} (or give explicit `layers`), got {self.subset!r}"
-                )
-            validate_size(self.size)
-
-    def _check_policy(self) -> None:
-        if self.policy not in REUSE_POLICIES:
-            raise ValueError(f"LayerReuseConfig.policy must be one of {list(REUSE_POLICIES)}, got {self.policy!r}")
-        drift_fields = self.tolerance is not None or self.max_staleness is not None
-        if self.policy != "per_layer" and self.layer_k is not None:
-            raise ValueError(f"LayerReuseConfig.layer_k applies to policy='per_layer' only (got policy={self.policy!r})")
-        if self.policy == "fixed":
-            if drift_fields:
-                raise ValueError("LayerReuseConfig.tolerance and max_staleness apply to policy='unmask_drift' only "
-                                 "(policy='fixed' recomputes every k steps)")
-            return
-        if self.k != 1:
-            raise ValueError(f"LayerReuseConfig.k={self.k} is the fixed policy's period; with policy={self.policy!r} "
-                             "leave k=1 (" + ("bound the entry's age with max_staleness)" if self.policy == "unmask_drift"
-                                              else "give one period per target layer in layer_k)"))
-        if self.policy == "per_layer":
-            if drift_fields:
-                raise ValueError("LayerReuseConfig.tolerance and max_staleness apply to policy='unmask_drift' only "
-                                 "(policy='per_layer' recomputes each layer every layer_k[j] steps)")
-            if (not isinstance(self.layer_k, (list, tuple)) or not self.layer_k
-                    or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in self.layer_k)):
-                raise ValueError(f"LayerReuseConfig.layer_k={self.layer_k!r} is invalid (allowed with "
-                                 "policy='per_layer': a non-empty list of integers >= 1, one per target layer)")
-            self.layer_k = list(self.layer_k)
-            return
-        if (self.tolerance is None or isinstance(self.tolerance, bool) or not isinstance(self.tolerance, (int, float))
-                or not 0.0 <= self.tolerance <= 1.0):
-            raise ValueError(f"LayerReuseConfig.tolerance={self.tolerance!r} is out of range (allowed with "
-                             "policy='unmask_drift': a number in [0, 1], the share of the sub-block)")
-        if self.max_staleness is not None and (isinstance(self.max_staleness, bool)
-                                               or not isinstance(self.max_staleness, int) or self.max_staleness < 1):
-            raise ValueError(f"LayerReuseConfig.max_staleness={self.max_staleness!r} is out of range "
-                             "(allowed: None or an integer >= 1)")
-
-    def layer_count(self, num_layers: int) -> int:
-        """How many layers `size` means for a model of `num_layers` layers.
-
-        A count is itself; a share s is round(s * num_layers), halves rounded up, and at least 1
-        (the default 12/28 gives 12 of 28, 6 of 14, 2 of 4, 1 of 2).
-        """
-        if not is_share(self.size):
-            return self.size
-        return max(1, math.floor(self.size * num_layers + 0.5))
-
-    def resolve_layers(self, num_layers: int) -> tuple[int, ...]:
-        """The target layer indices for a model of `num_layers` decoder layers (and, with the
-        per-layer policy, a check that `layer_k` has one period for each)."""
-        layers = self._resolve_layers(num_layers)
-        if self.layer_k is not None and len(self.layer_k) != len(layers):
-            raise ValueError(f"LayerReuseConfig.layer_k has {len(self.layer_k)} periods but the reuse targets "
-                             f"{len(layers)} layers {list(layers)} (allowed: exactly one period per target layer)")
-        return layers
-
-    def _resolve_layers(self, num_layers: int) -> tuple[int, ...]:
-        """first = layers 1..n (layer 0 always runs), middle = n layers centred in the stack,
-        last = the final n layers, where n = `layer_count(num_layers)`."""
-        if self.layers is not None:
-            bad = [i for i in self.layers if i >= num_layers]
-            if bad:
-                raise ValueError(
-                    f"LayerReuseConfig.layers {bad} out of range: the model has {num_layers} layers (0..{num_layers - 1})"
-                )
-            return tuple(self.layers)
-        n = self.layer_count(num_layers)
-        if n >= num_layers:
-            share = f" ({self.size:.3g} of {num_layers} layers rounds to {n})" if is_share(self.size) else ""
-            raise ValueError(
-                f"LayerReuseConfig.size={self.size!r}{share} is too large for a model of {num_layers} layers "
-                f"(allowed: at most {num_layers - 1} layers, or a share such as the default {DEFAULT_REUSE_SIZE:.3g})"
-            )
-        if self.subset == "first":
-            start = 1
-        elif self.subset == "middle":
-            start = (num_layers - n) // 2
-        else:
-            start = num_layers - n
-        return tuple(range(start, start + n))
-
-    @property
-    def always_computes(self) -> bool:
-        """Every step computes every target layer (fixed k=1, or per_layer with every period 1):
-        nothing is ever recalled, which is exactly no reuse."""
-        if self.policy == "per_layer":
-            return all(period == 1 for period in self.layer_k)
-        return self.policy == "fixed" and self.k == 1
-
-    @property
-    def label(self) -> str:
-        """A short, filesystem-safe name, e.g. `k2-first12-output` (a share: `k2-first0.429-output`)."""
-        where = f"{self.subset}{size_label(self.size)}" if self.layers is None else "layers" + "_".join(map(str, self.layers))
-        if self.policy == "fixed":
-            return f"k{self.k}-{where}-{self.mode}"
-        if self.policy == "per_layer":
-            return f"ks{'.'.join(map(str, self.layer_k))}-{where}-{self.mode}"
-        stale = "" if self.max_staleness is None else f"-s{self.max_staleness}"
-        return f"drift{self.tolerance:g}{stale}-{where}-{self.mode}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "LayerReuseConfig":
-        unknown = set(data) - {"k", "subset", "size", "layers", "mode", "policy", "tolerance", "max_staleness", "layer_k"}
-        if unknown:
-            raise ValueError(f"LayerReuseConfig got unknown fields {sorted(unknown)}")
-        return cls(**data)
-
-    @classmethod
-    def coerce(cls, value) -> "LayerReuseConfig | None":
-        """Accept a config, a dict (as reloaded from JSON) or None."""
-        if value is None or isinstance(value, cls):
-            return value
-        if isinstance(value, dict):
-            return cls.from_dict(value)
-        raise ValueError(f"layer_reuse must be a LayerReuseConfig, a dict or None, got {type(value).__name__}")
 
 
 @dataclass(frozen=True)
@@ -308,7 +94,7 @@ class DiffusionSettings:
     def recalling_layers(self) -> tuple[int, ...]:
         """The reuse target layers where reuse can recall; () without reuse or with a schedule that
         always computes (k=1), which decodes exactly as no reuse: nothing to decide or store."""
-        if self.layer_reuse is None or self.layer_reuse.always_computes:
+        if no_reuse(self.layer_reuse):
             return ()
         return tuple(self.reuse_layers)
 

@@ -6,8 +6,9 @@ generation block with masks. Rows are aligned by left-padding whole blocks, so a
 cache's prefix length and block slot; padding keys are masked out and positions are per row.
 
 Every decision is per row and taken here: which sub-block it is in, whether it forwards the whole
-block or only its sub-block (block cache), whether its layer-reuse step computes or recalls. A step
-is expressed as a `StepPlan` (engines/plan.py) that an engine executes: the eager engine calls
+block or only its sub-block (block cache), and, through the reuse schedule (reuse/schedule.py, two
+calls per step), whether each layer runs, stores or recalls and how a recall replays. A step
+is expressed as a `StepPlan` (plan.py) that an engine executes: the eager engine calls
 transformers' layers, the graphed engine replays CUDA graphs; neither decides anything. Rows that
 need the same kind of forward share one batched forward; a row never changes because of another
 row in its batch. Counters and traces are kept here, from the plans.
@@ -15,6 +16,7 @@ row in its batch. Counters and traces are kept here, from the plans.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections import defaultdict
@@ -26,8 +28,8 @@ import torch
 from .config import DiffusionSettings
 from .engines.base import Engine
 from .engines.eager import EagerEngine
-from .engines.plan import ForwardKind, ForwardPlan, LayerAction, Repeat, StepPlan, layer_actions, reuse_span
-from .reuse_policy import ReuseSchedule, RowSchedule
+from .plan import ForwardKind, ForwardPlan, LayerAction, StepPlan
+from .reuse.schedule import ReuseSchedule, RowStep
 from .runner import LayerStackRunner
 
 
@@ -107,20 +109,9 @@ class BlockDiffusionDecoder:
         self.trace: list[dict] | None = [] if trace else None
         self.on_block = on_block
         self.stats = DecodeStats(layer_runs=[0] * runner.num_layers, layer_skips=[0] * runner.num_layers)
-        # Target layers in layer order; a row's per-layer decisions are tuples aligned with them.
-        # k=1 has none: it never recalls, so it decodes exactly as no reuse.
-        self.reuse_targets = settings.recalling_layers
-        self.schedule = (ReuseSchedule(settings.layer_reuse, settings.small_block_size, len(self.reuse_targets))
-                         if self.reuse_targets else None)
-        # Without a schedule nothing but the block's masks changes a plan, so a step may repeat; with
-        # one that decides by the step count alone, a step may repeat through its known cycle of
-        # decisions (`_repeat`).
-        self.repeat = Repeat(block_rows_wait=settings.use_block_cache) if self.schedule is None else None
-        # What each row's reuse entries hold, per target layer: (sub-block serial, first slot, end
-        # slot). Known from the plans (the engines store exactly what was planned), so deciding
-        # whether a recall is possible needs no read from the device.
-        self.reuse_entries: list[dict[int, tuple[int, int, int]]] = []
-        self._repeats: dict[int, Repeat] = {}  # a step-count schedule's chains, by place in its cycle
+        # Every layer-reuse decision (which layers store or recall, how a recall replays, and when a
+        # step may repeat); without reuse, or with a config that never recalls, every layer runs.
+        self.reuse = ReuseSchedule.for_settings(settings, runner.num_layers)
         self.stop_ids = torch.tensor(settings.eos_token_ids or [-1], device=runner.device)
 
     # -- counters -------------------------------------------------------------------------------
@@ -154,8 +145,8 @@ class BlockDiffusionDecoder:
         layout = plan_layout(lengths, bs, s.max_new_tokens)
         batch = len(prompts)
         prefix_len0 = layout.prefix_blocks * bs
-        engine.start(batch, layout.capacity_blocks * bs)
-        self.reuse_entries = [{} for _ in range(batch)]
+        engine.start(batch, layout.capacity_blocks * bs, reuse_layers=self.reuse.layers)
+        self.reuse.start(batch)
 
         pad = torch.tensor([(layout.prefix_blocks - f) * bs for f in layout.full_blocks], device=dev)
         block = torch.full((batch, bs), s.mask_token_id, dtype=torch.long, device=dev)
@@ -202,7 +193,7 @@ class BlockDiffusionDecoder:
             if len(keep) < len(row_ids):
                 keep_t = torch.tensor(keep, device=dev)
                 engine.keep_rows(keep_t)
-                self.reuse_entries = [self.reuse_entries[r] for r in keep]
+                self.reuse.keep_rows(keep)
                 block, pad, finished = block[keep_t], pad[keep_t], finished[keep_t]
                 row_ids = [row_ids[r] for r in keep]
             next_first = engine.commit(block, pad)
@@ -241,14 +232,14 @@ class BlockDiffusionDecoder:
         # this block's first token: it ends now, without denoising the rest of the block.
         stopped = finished.tolist()
         sub_idx = [0] * n_rows
-        schedules = [RowSchedule() for _ in range(n_rows)] if self.schedule is not None else None
+        self.reuse.start_block(n_rows, block_serial)
         ready = [False] * n_rows  # the row's block K/V were computed by a whole-block forward
         while True:
             # The step's one read from the device: per row and sub-block, the masked slots and
             # whether the sub-block's first slot is masked.
             masked = (block == s.mask_token_id).view(n_rows, nsb, sbs)
             host = torch.cat([masked.sum(-1), masked[:, :, 0].long()], dim=1).tolist()
-            decisions, masked_now = {}, {}
+            rows: dict[int, RowStep] = {}
             for r in range(n_rows):
                 if stopped[r]:
                     continue
@@ -260,19 +251,13 @@ class BlockDiffusionDecoder:
                 sub_idx[r] = cur
                 use_sub = s.use_block_cache and ready[r] and not host[r][nsb + cur]
                 kind = ForwardKind.SUB if use_sub else ForwardKind.BLOCK
-                masked_now[r] = host[r][cur]
-                computes = self.schedule.decide(schedules[r], cur, masked_now[r]) if schedules is not None else ()
-                decisions[r] = (kind, computes)
-            if not decisions:
+                rows[r] = RowStep(kind, cur, host[r][cur])
+            if not rows:
                 return
-            may_repeat = min(masked_now.values()) >= self.chain_min_masked
-            spans, repeat = {}, self.repeat if may_repeat else None
-            if self.reuse_targets:
-                spans = self._spans(decisions, sub_idx, block_serial)
-                planned = dict(decisions)
-                self._compute_where_uncovered(decisions, spans)
-                repeat = self._repeat(decisions, schedules) if may_repeat and decisions == planned else None
-            step = self._plan_step(decisions, sub_idx)
+            may_repeat = min(step.masked for step in rows.values()) >= self.chain_min_masked
+            decided = self.reuse.decide(rows, may_repeat)
+            step = self._plan_step(rows, decided.actions)
+            repeat = decided.repeat
             result = self.engine.denoise(step, block, pad, finished, want_unmasked=self.trace is not None,
                                          repeat=repeat)
             for run in range(result.runs):  # runs after the first exist only where `repeat` allowed them
@@ -280,57 +265,24 @@ class BlockDiffusionDecoder:
                 if self.trace is not None:
                     self._record(run_step, result.unmasked[run], block_serial, row_ids)
                 self._count_step(run_step)
-                self._note_stores(run_step, spans)
-            if schedules is not None:
-                for r, (_, computes) in decisions.items():
-                    ReuseSchedule.record(schedules[r], computes, masked_now[r], result.runs)
-            for r, (kind, _) in decisions.items():
-                if kind is ForwardKind.BLOCK:
+            self.reuse.record(result.runs)
+            for r, row in rows.items():
+                if row.kind is ForwardKind.BLOCK:
                     ready[r] = True
-
-    def _repeat(self, decisions, schedules) -> Repeat | None:
-        """Leave to chain the step through its rows' common cycle of decisions: given when the
-        schedule decides by the step count alone and every row of the step is at the same place in
-        it (one set of layer actions per run, so one pass per run). A recall later in the chain is
-        covered: by this step's check, or by an entry stored earlier in the chain for the same slots."""
-        period = self.schedule.period
-        if period is None:
-            return None
-        places = {schedules[r].step % period for r in decisions}
-        if len(places) != 1:
-            return None
-        place = places.pop()
-        repeat = self._repeats.get(place)
-        if repeat is None:  # one per place in the cycle, made once per decode
-            cycle = tuple(layer_actions(self.runner.num_layers, self.reuse_targets, computes)
-                          for computes in self.schedule.ahead(place))
-            repeat = self._repeats[place] = Repeat(block_rows_wait=self.settings.use_block_cache, cycle=cycle)
-        return repeat
 
     @staticmethod
     def _with_actions(step: StepPlan, actions) -> StepPlan:
         """A chained run of `step`: the same forwards with the run's layer actions."""
-        return tuple(ForwardPlan(kind=plan.kind, rows=plan.rows, subs=plan.subs, actions=actions) for plan in step)
+        return tuple(dataclasses.replace(plan, actions=actions) for plan in step)
 
-    def _plan_step(self, decisions, sub_idx) -> StepPlan:
-        """Group rows by (kind, per-layer decisions): one `ForwardPlan` each, recalls first."""
+    def _plan_step(self, rows: dict[int, RowStep], actions) -> StepPlan:
+        """Group rows by (kind, layer actions): one `ForwardPlan` each, recalls first."""
         groups = defaultdict(list)
-        for r, key in decisions.items():
-            groups[key].append(r)
-        num_layers = self.runner.num_layers
-        return tuple(ForwardPlan(kind=kind, rows=tuple(rows), subs=tuple(sub_idx[r] for r in rows),
-                                 actions=layer_actions(num_layers, self.reuse_targets, computes))
-                     for (kind, computes), rows in sorted(groups.items(), key=lambda item: (item[0][0].value, item[0][1])))
-
-    def _note_stores(self, step: StepPlan, spans) -> None:
-        """The reuse entries a run of `step` stored (`spans`: per row, sub-block serial and covered slots)."""
-        for plan in step:
-            if not plan.stores:
-                continue
-            for layer in self.reuse_targets:
-                if plan.actions[layer] is LayerAction.STORE:
-                    for r in plan.rows:
-                        self.reuse_entries[r][layer] = spans[r]
+        for r, row in rows.items():
+            groups[(row.kind, actions[r])].append(r)
+        return tuple(ForwardPlan(kind=kind, rows=tuple(group), subs=tuple(rows[r].sub for r in group),
+                                 actions=layer_actions, residual=self.reuse.residual)
+                     for (kind, layer_actions), group in sorted(groups.items(), key=lambda item: (item[0][0].value, item[0][1])))
 
     def _record(self, step: StepPlan, unmasked, block_serial, row_ids) -> None:
         sbs = self.settings.small_block_size
@@ -341,27 +293,3 @@ class BlockDiffusionDecoder:
                                "rows": [row_ids[r] for r in plan.rows], "kind": plan.kind.value,
                                "compute": not plan.recalls, "sub": list(plan.subs),
                                "tokens": plan.token_count(self.settings.block_size, sbs), "unmasked": slots})
-
-    def _compute_where_uncovered(self, decisions, spans):
-        """A recall needs the layer's entry to be from this sub-block and to cover the requested
-        slots (an entry stored by a sub-block forward does not cover a whole-block forward)."""
-        for r, (kind, computes) in decisions.items():
-            if all(computes):
-                continue
-            tag, lo, hi = spans[r]
-            entries = self.reuse_entries[r]
-            fixed = tuple(
-                compute or (entry := entries.get(layer)) is None or entry[0] != tag or entry[1] > lo or entry[2] < hi
-                for layer, compute in zip(self.reuse_targets, computes))
-            decisions[r] = (kind, fixed)
-
-    def _spans(self, decisions, sub_idx, block_serial) -> dict[int, tuple[int, int, int]]:
-        """Per deciding row: its sub-block's serial and the block slots its forward feeds, which is
-        what a reuse entry it stores holds and what a recall of it needs covered."""
-        s = self.settings
-        return {r: (self._tag(block_serial, sub_idx[r]), *reuse_span(kind, sub_idx[r], s.block_size, s.small_block_size))
-                for r, (kind, _) in decisions.items()}
-
-    def _tag(self, block_serial: int, sub: int) -> int:
-        """The serial of a sub-block: reuse entries are valid only for the one they were stored in."""
-        return block_serial * self.settings.sub_blocks_per_block + sub

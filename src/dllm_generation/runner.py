@@ -9,20 +9,12 @@ layer at all on a layer-reuse step. Nothing on the model is patched.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
 
 import torch
 
-from .engines.plan import LayerAction
+from .plan import LayerAction, ReusePlan
 
-
-@dataclass
-class ReusePlan:
-    """What each layer does in one forward (run, run and store, recall) and where entries go."""
-
-    actions: tuple[LayerAction, ...]
-    residual: bool
-    offsets: torch.Tensor  # first block slot of the forward's tokens, per row
+__all__ = ["LayerStackRunner", "ReusePlan"]
 
 
 class LayerStackRunner:

@@ -2,7 +2,9 @@
 
 An engine owns the decode's cache and executes the decoder's plans: the prompt prefill, one
 denoising step (`StepPlan`), and the commit of a clean block. It reports what it unmasked and
-nothing else; counters, traces and decisions stay with the decoder.
+nothing else; counters, traces and decisions stay with the decoder. Engines read the decoder's
+plans (plan.py), never the layer-reuse config: what a layer does, and how a recall replays, is in
+each `ForwardPlan`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from ..cache import BlockDiffusionCache
 from ..config import DiffusionSettings
 from ..runner import LayerStackRunner
 from ..sampling import choose_tokens
-from .plan import Repeat, StepPlan, StepRuns
+from ..plan import Repeat, StepPlan, StepRuns
 
 
 def key_allowed(pad: torch.Tensor, kv_len: int) -> torch.Tensor:
@@ -34,8 +36,9 @@ class Engine:
         self.cache: BlockDiffusionCache | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
-    def start(self, batch: int, capacity: int) -> None:
-        """A fresh cache for `batch` rows and `capacity` slots."""
+    def start(self, batch: int, capacity: int, reuse_layers: tuple[int, ...] = ()) -> None:
+        """A fresh cache for `batch` rows and `capacity` slots; `reuse_layers` are the layers the
+        decode's plans may store or recall (the eager cache allocates their entries on first store)."""
         self.cache = BlockDiffusionCache(self.runner.num_layers, batch, capacity, self.settings.block_size)
 
     @property
@@ -48,12 +51,6 @@ class Engine:
 
     def describe(self):
         return self.name
-
-    @property
-    def residual_reuse(self) -> bool:
-        """Recalled layers replay their stored residual (mode "residual"), so stores keep inputs too."""
-        reuse = self.settings.layer_reuse
-        return reuse is not None and reuse.mode == "residual"
 
     # -- forwards -------------------------------------------------------------------------------
     def greedy(self, hidden: torch.Tensor) -> torch.Tensor:

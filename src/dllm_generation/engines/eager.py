@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from ..runner import ReusePlan
+from ..plan import ForwardKind, ForwardPlan, Repeat, ReusePlan, StepPlan, StepRuns
 from ..sampling import choose_tokens
 from .base import Engine, key_allowed
-from .plan import ForwardKind, ForwardPlan, Repeat, StepPlan, StepRuns
 from .rules import prediction_index, unmask_confident
 
 
@@ -58,7 +57,7 @@ class EagerEngine(Engine):
                                  uniform_offset=uniform)
         reuse = None
         if plan.stores or plan.recalls:
-            reuse = ReusePlan(plan.actions, residual=self.residual_reuse, offsets=token_starts)
+            reuse = ReusePlan(plan.actions, residual=plan.residual, offsets=token_starts)
         hidden = self.runner.hidden_states(tokens, positions, key_allowed(pad[rows], prefix + bs), self.cache, reuse)
         pick = prediction_index(sub_starts, token_starts, sbs)
         picked = hidden.gather(1, pick[..., None].expand(-1, -1, hidden.shape[-1]))

@@ -35,10 +35,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..plan import ForwardKind, LayerAction, Repeat, StepPlan, StepRuns
 from .base import Engine
 from .captured import CapturedPasses
 from .packed_pass import PackedPass, PassKey, attended_keys
-from .plan import ForwardKind, LayerAction, Repeat, StepPlan, StepRuns
 from .static_store import StaticBlockDiffusionCache, StaticStore
 
 logger = logging.getLogger(__name__)
@@ -138,9 +138,8 @@ class GraphedEngine(Engine):
                                  small_block_size=s.small_block_size, heads=p.n_heads, kv_heads=p.n_kv,
                                  head_dim=p.head_dim, hidden=p.hidden, dtype=dtype, device=dev)
 
-    def start(self, batch: int, capacity: int) -> None:
+    def start(self, batch: int, capacity: int, reuse_layers: tuple[int, ...] = ()) -> None:
         self.prepare(batch, capacity)
-        reuse_layers = self.settings.recalling_layers
         self.cache = StaticBlockDiffusionCache(self.store, self.runner.num_layers, batch, capacity,
                                                self.settings.block_size, reuse_layers)
         self.store.set_stop_ids(tuple(self.settings.eos_token_ids))
@@ -233,9 +232,9 @@ class GraphedEngine(Engine):
         return runs
 
     # -- the decoder's requests ------------------------------------------------------------------
-    def _key(self, rb, rs, actions, commit, span, repeat=False) -> PassKey:
+    def _key(self, rb, rs, actions, commit, span, repeat=False, residual=False) -> PassKey:
         s = self.settings
-        residual = self.residual_reuse and any(action is not LayerAction.RUN for action in actions)
+        residual = residual and any(action is not LayerAction.RUN for action in actions)
         keys = attended_keys(self.cache.prefix_len + s.block_size, self.store.capacity)
         return PassKey(rb, rs, actions, residual, commit, span, float(s.threshold),
                        int(s.mask_token_id), repeat, keys)
@@ -257,7 +256,7 @@ class GraphedEngine(Engine):
         passes: dict[tuple, dict[ForwardKind, int]] = {}
         for index, plan in enumerate(step):
             passes.setdefault(plan.actions, {})[plan.kind] = index
-        repeats = repeat is not None and len(passes) == 1  # a step of several passes runs once
+        repeats = repeat is not None  # given only where every forward shares its actions: one pass
         runs = 1
         unmasked: list[torch.Tensor | None] = [None] * len(step)
         for actions, by_kind in passes.items():
@@ -267,6 +266,7 @@ class GraphedEngine(Engine):
             rs_rows = list(sub_plan.rows) if sub_plan else []
             rb, rs = len(rb_rows), len(rs_rows)
             plans = [p for p in (block_plan, sub_plan) if p is not None]
+            residual = plans[0].residual
             rows_np = np.asarray(rb_rows + rs_rows, dtype=np.int64)
             sub_start = np.asarray([o for p in plans for o in p.sub_starts(sbs)], dtype=np.int64)
             tok_start = np.asarray([o for p in plans for o in p.token_starts(sbs)], dtype=np.int64)
@@ -285,10 +285,10 @@ class GraphedEngine(Engine):
             st.upload(values)
             if repeats:
                 cycle = repeat.cycle or (actions,)
-                runs = self._run_repeated(tuple(self._key(rb, rs, run_actions, False, n_rows, True)
+                runs = self._run_repeated(tuple(self._key(rb, rs, run_actions, False, n_rows, True, residual)
                                                 for run_actions in cycle))
             else:
-                self._run(self._key(rb, rs, actions, False, n_rows))
+                self._run(self._key(rb, rs, actions, False, n_rows, residual=residual))
             if want_unmasked:
                 result = st.unmask_runs[:runs, : rb + rs].clone() if repeats else st.unmask[None, : rb + rs].clone()
                 if block_plan is not None:

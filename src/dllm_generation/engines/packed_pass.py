@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ..sampling import choose_tokens
-from .plan import LayerAction
+from ..plan import LayerAction
 from .projections import fuse_projections
 from .rules import prediction_index, step_repeats, unmask_confident
 from .small_m_linear import MAX_TOKENS, small_m_linear, support_reason

@@ -105,14 +105,12 @@ def check_device(options) -> None:
 
 
 def reuse_config(options):
-    """The `LayerReuseConfig` of `options`; None for the fixed policy at k=1 (plain decoding, no reuse at all)."""
-    from dllm_generation import LayerReuseConfig
+    """The `LayerReuseConfig` of `options`; None where it never recalls (k=1, per_layer with every
+    period 1, ...: plain decoding, no reuse at all), by the library's one rule (`no_reuse`)."""
+    from dllm_generation.reuse import no_reuse
 
-    if options.policy == "fixed" and options.k <= 1:
-        return None
-    return LayerReuseConfig(k=options.k, subset=options.subset, size=options.size, layers=options.layers,
-                            mode=options.mode, policy=options.policy, tolerance=options.tolerance,
-                            max_staleness=options.max_staleness, layer_k=options.layer_k)
+    config = options.layer_reuse()
+    return None if no_reuse(config) else config
 
 
 def check_layer_reuse(options, num_layers: int) -> None:

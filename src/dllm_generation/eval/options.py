@@ -11,17 +11,17 @@ import os
 import tempfile
 from dataclasses import dataclass
 
-from ..config import (
+from ..config import validate_block_sizes, validate_threshold
+from ..reuse.config import (
     DEFAULT_REUSE_SIZE,
+    REUSE_FIELDS,
     REUSE_MODES,
     REUSE_POLICIES,
     SUBSETS,
     LayerReuseConfig,
-    size_label,
-    validate_block_sizes,
+    reuse_label,
     validate_layers,
     validate_size,
-    validate_threshold,
 )
 from .protocols import (
     DEFAULT_PROTOCOL,
@@ -166,9 +166,7 @@ class EvalOptions:
             if self.layers is not None:
                 validate_layers(self.layers, "layers")
             if self.uses_policy_fields:
-                LayerReuseConfig(k=self.k, subset=self.subset, size=self.size, layers=self.layers, mode=self.mode,
-                                 policy=self.policy, tolerance=self.tolerance, max_staleness=self.max_staleness,
-                                 layer_k=self.layer_k)
+                self.layer_reuse()
         except ValueError as err:
             raise InvalidOptionError(str(err)) from None
         _writable_folder("output_dir", self.output_dir)
@@ -192,6 +190,10 @@ class EvalOptions:
         return (self.policy != REUSE_POLICIES[0] or self.tolerance is not None or self.max_staleness is not None
                 or self.layer_k is not None)
 
+    def layer_reuse(self) -> LayerReuseConfig:
+        """These options' reuse settings as the library's config (ValueError if they are invalid)."""
+        return LayerReuseConfig(**{name: getattr(self, name) for name in REUSE_FIELDS})
+
     @property
     def fewshot(self) -> int:
         """Number of worked examples in each prompt (the protocol's unless set)."""
@@ -208,14 +210,7 @@ class EvalOptions:
         if self.run_name:
             return self.run_name
         me = self.resolved()
-        where = "layers" + "-".join(str(i) for i in self.layers) if self.layers else f"{self.subset}{size_label(self.size)}"
-        if self.policy == REUSE_POLICIES[0]:
-            schedule = f"k{self.k}"
-        elif self.policy == "per_layer":
-            schedule = "ks" + ".".join(map(str, self.layer_k or []))
-        else:
-            schedule = f"drift{self.tolerance:g}" + ("" if self.max_staleness is None else f"s{self.max_staleness}")
-        parts = [schedule, where, self.mode]
+        parts = [reuse_label(self, sep="_")]
         if self.protocol != DEFAULT_PROTOCOL:
             parts.append(self.protocol)
         defaults = EvalOptions(task=self.task, protocol=self.protocol).resolved()

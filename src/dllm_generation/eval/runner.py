@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from ..reuse.config import REUSE_FIELDS
 from . import artifacts
 from .artifacts import RunFiles
 from .data import LETTERS, Example, load_task_data
@@ -98,9 +99,9 @@ def run_eval(
     check_device(options)
     ctx = context or process_context()
     scorer = scorer or MetricsScorer()
-    if options.uses_loglikelihood and options.k > 1 and ctx.is_main:
-        logger.warning("k=%d: layer reuse does not apply to loglikelihood scoring (one forward per choice); "
-                       "use --mmlu-mode generative to measure it", options.k)
+    if options.uses_loglikelihood and reuse_config(options) is not None and ctx.is_main:
+        logger.warning("%s: layer reuse does not apply to loglikelihood scoring (one forward per choice); "
+                       "use --mmlu-mode generative to measure it", options.layer_reuse().label)
     files = RunFiles(options.run_dir(), ctx.rank)
     if ctx.is_main:
         files.settle_replaced()
@@ -413,9 +414,7 @@ def _model_info(options, model, device) -> dict:
 def _generation_info(options, model, batches: list[dict]) -> dict:
     reuse = None
     if reuse_config(options) is not None:
-        reuse = {"k": options.k, "subset": options.subset, "size": options.size, "layers": options.layers,
-                 "mode": options.mode, "policy": options.policy, "tolerance": options.tolerance,
-                 "max_staleness": options.max_staleness, "layer_k": options.layer_k}
+        reuse = {name: getattr(options, name) for name in REUSE_FIELDS}
         if model is not None:
             reuse["resolved_layers"] = list(reuse_config(options).resolve_layers(model.config.num_hidden_layers))
     return {

@@ -29,7 +29,7 @@ from fractions import Fraction
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from ..config import DEFAULT_REUSE_SIZE, SIZE_RULE
+from ..reuse.config import DEFAULT_REUSE_SIZE, SIZE_RULE
 
 from ..eval.model_calls import generate_batch, loglikelihood_batch
 from ..eval.prompts import encode_pair

@@ -1,18 +1,24 @@
-"""A denoising step as data: the decoder's decisions, which every engine executes unchanged.
+"""The decoder-engine contract as data: a denoising step, and what each layer does in it.
 
 `BlockDiffusionDecoder` decides, per row, which sub-block it denoises, whether it forwards its
 whole block or only that sub-block, and what each decoder layer does (run, run and store its
-result for layer reuse, or recall the stored result without running). Rows with the same kind of
-forward and the same layer actions form one `ForwardPlan`; a `StepPlan` is one denoising step.
-Engines (`engines.eager`, `engines.graphed`) turn plans into forwards; none of them decides
-anything, so the tokens, counters and trace of a decode do not depend on the engine.
+result for layer reuse, or recall the stored result without running, replaying its output or its
+residual). Rows with the same kind of forward and the same layer actions form one `ForwardPlan`;
+a `StepPlan` is one denoising step. Engines (`engines.eager`, `engines.graphed`) and the eager
+layer stack (`runner.py`) read these types and nothing else of the decoder's: none of them
+decides anything, so the tokens, counters and trace of a decode do not depend on the engine.
+
+This module imports nothing from the package, so every layer of it may depend on it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 
 class ForwardKind(str, Enum):
@@ -38,6 +44,9 @@ class ForwardPlan:
     rows: tuple[int, ...]  # batch rows of the decoder's current batch
     subs: tuple[int, ...]  # each row's current sub-block (index inside the block)
     actions: tuple[LayerAction, ...]  # one per decoder layer
+    # Recalled layers replay their stored residual (output - input) on the current input, so stores
+    # keep the input too (layer reuse mode "residual"); without stores or recalls it changes nothing.
+    residual: bool = False
 
     @property
     def recalls(self) -> bool:
@@ -74,7 +83,8 @@ class Repeat:
     layer reuse every run repeats the step unchanged. With a schedule that decides by the step count
     alone, the layer actions change from run to run in a known order (`cycle`: run i takes
     `cycle[i % len(cycle)]`, and `cycle[0]` is the step's own). Each run unmasks at least one slot of
-    every row's sub-block, so a chain never runs more than a sub-block's size.
+    every row's sub-block, so a chain never runs more than a sub-block's size. It is given only for
+    steps whose forwards all share their layer actions (so each run is one set of actions).
     """
 
     block_rows_wait: bool  # whole-block rows stay whole-block only while their sub-block's first slot is masked
@@ -98,6 +108,15 @@ class StepRuns:
     unmasked: list[list[Any]] | None = None
 
 
+@dataclass
+class ReusePlan:
+    """What each layer does in one eager forward (run, run and store, recall) and where entries go."""
+
+    actions: tuple[LayerAction, ...]
+    residual: bool
+    offsets: "torch.Tensor"  # first block slot of the forward's tokens, per row
+
+
 def layer_actions(num_layers: int, targets: tuple[int, ...], computes: tuple[bool, ...]) -> tuple[LayerAction, ...]:
     """Per-layer actions of a forward: target layer `targets[j]` stores if `computes[j]`, else recalls."""
     actions = [LayerAction.RUN] * num_layers
@@ -105,9 +124,3 @@ def layer_actions(num_layers: int, targets: tuple[int, ...], computes: tuple[boo
         actions[layer] = LayerAction.STORE if compute else LayerAction.RECALL
     return tuple(actions)
 
-
-def reuse_span(kind: ForwardKind, sub: int, block_size: int, small_block_size: int) -> tuple[int, int]:
-    """Block slots a forward of `kind` feeds, and so the slots a reuse entry stored by it covers."""
-    if kind is ForwardKind.BLOCK:
-        return 0, block_size
-    return sub * small_block_size, (sub + 1) * small_block_size
