@@ -303,3 +303,104 @@ def test_no_policy_adds_a_device_read(tiny_model, monkeypatch, path):
     assert len(set(beyond.values())) == 1, beyond
     if path:
         assert chained["drift"] == 0 and min(chained[label] for label in ("none", "k1", "fixed", "per_layer")) > 0, chained
+
+
+# ------------------------------------------------------------------------------ one rule for "no reuse"
+@pytest.mark.parametrize(("config", "none"), [
+    (LayerReuseConfig(k=1, layers=[1, 2]), True),
+    (LayerReuseConfig(k=2, layers=[1, 2]), False),
+    (LayerReuseConfig(policy="per_layer", layer_k=[1, 1], layers=[1, 2]), True),
+    (LayerReuseConfig(policy="per_layer", layer_k=[1, 2], layers=[1, 2]), False),
+    (drift(0.0), True),
+    (drift(1.0, max_staleness=1), True),
+    (drift(0.5), False),
+], ids=lambda c: c.label if isinstance(c, LayerReuseConfig) else str(c))
+def test_no_reuse_is_one_rule_for_the_library_and_the_eval(tiny_model, config, none):
+    """`no_reuse` decides for `generate` (no target layer may recall, nothing is stored) and for the
+    eval (no layer_reuse passed at all): per_layer with every period 1 is no reuse, as k=1 is."""
+    from dllm_generation.config import resolve_settings
+    from dllm_generation.eval.model_calls import reuse_config
+    from dllm_generation.eval.options import EvalOptions
+    from dllm_generation.reuse import no_reuse
+
+    assert no_reuse(None) and no_reuse(config) is none
+    settings = resolve_settings(GenerationConfig(max_new_tokens=32, layer_reuse=config), tiny_model.generation_config,
+                                tiny_model.config, num_layers=4)
+    assert settings.recalling_layers == (() if none else (1, 2)) and settings.reuse_layers == (1, 2)
+    options = EvalOptions(task="arith", **{name: getattr(config, name) for name in
+                                           ("k", "layers", "mode", "policy", "tolerance", "max_staleness", "layer_k")})
+    assert (reuse_config(options.validate()) is None) is none
+
+
+def test_per_layer_periods_of_one_decode_as_plain_decoding_and_store_nothing(tiny_model):
+    prompts = prompts_of(LENGTHS, seed=6)
+    plain, s0 = generate_new_tokens(tiny_model, prompts, **KW)
+    ones, s1 = generate_new_tokens(tiny_model, prompts, layer_reuse=per_layer(1, 1), **KW)
+    assert ones == plain
+    for key in ("forwards", "denoising_steps", "layer_calls", "layer_runs", "layer_skips"):
+        assert s1[key] == s0[key], key
+    _, decoder = run_decoder(tiny_model, prompts[:1], layer_reuse=per_layer(1, 1), **KW)
+    assert decoder.reuse.layers == () and decoder.reuse.policy is None
+    assert all(layer.reuse_output is None for layer in decoder.engine.cache.layers)
+
+
+# ------------------------------------------------------------------------------ one label
+def test_library_labels_and_eval_folder_names_come_from_one_function():
+    from dllm_generation.eval.options import EvalOptions
+    from dllm_generation.reuse import reuse_label
+
+    for config, label, folder in [
+        (LayerReuseConfig(k=2, subset="last", size=4), "k2-last4-output", "k2_last4_output"),
+        (LayerReuseConfig(k=3, layers=[0, 5], mode="residual"), "k3-layers0_5-residual", "k3_layers0-5_residual"),
+        (drift(0.375, max_staleness=4), "drift0.375-s4-layers1_2-output", "drift0.375_s4_layers1-2_output"),
+        (LayerReuseConfig(policy="per_layer", layer_k=[2, 3], size=0.5), "ks2.3-first0.5-output", "ks2.3_first0.5_output"),
+    ]:
+        assert config.label == reuse_label(config) == label
+        options = EvalOptions(task="arith", **{name: getattr(config, name) for name in
+                                               ("k", "size", "layers", "mode", "policy", "tolerance", "max_staleness",
+                                                "layer_k")}, **({"subset": config.subset} if config.subset else {}))
+        assert options.validate().config_name() == reuse_label(config, sep="_") == folder
+
+
+# ------------------------------------------------------------------------------ adding a policy
+def test_a_registered_policy_is_selected_by_name_and_runs_on_every_engine(tiny_model):
+    """The worked example of docs/layer_reuse.md ("Add a policy"): periods that ramp from 1 to k with
+    depth. On layers 1 and 2 with k=3 it is per_layer with periods 1 and 3, token for token."""
+    from dllm_generation.reuse import StepCountPolicy, register_policy, unregister_policy
+
+    @register_policy
+    class DepthRampPolicy(StepCountPolicy):
+        name = "depth_ramp"
+        uses_k = True
+        summary = "recomputes deeper target layers less often, up to every k steps"
+
+        @classmethod
+        def never_recalls(cls, config):
+            return config.k == 1
+
+        @classmethod
+        def label_parts(cls, config):
+            return [f"ramp{config.k}"]
+
+        def layer_periods(self):
+            n, k = self.num_targets, self.config.k
+            return tuple(1 + j * (k - 1) // max(1, n - 1) for j in range(n))
+
+    try:
+        ramp = LayerReuseConfig(policy="depth_ramp", k=3, layers=[1, 2])
+        assert ramp.label == "ramp3-layers1_2-output" and not ramp.always_computes
+        with pytest.raises(ValueError, match="tolerance and max_staleness apply to policy='unmask_drift' only "
+                                             "\\(policy='depth_ramp' recomputes deeper"):
+            LayerReuseConfig(policy="depth_ramp", k=3, tolerance=0.5)
+        prompts = prompts_of(LENGTHS, seed=9)
+        want, ws = generate_new_tokens(tiny_model, prompts, layer_reuse=per_layer(1, 3), **KW)
+        assert ws["layer_calls_skipped"] > 0
+        for path in (False, "uncaptured"):
+            got, gs = generate_new_tokens(tiny_model, prompts, layer_reuse=ramp, fast_path=path, **KW)
+            assert got == want, path
+            for key in ("forwards", "denoising_steps", "layer_calls", "layer_calls_skipped", "layer_runs", "layer_skips"):
+                assert gs[key] == ws[key], (path, key)
+    finally:
+        unregister_policy("depth_ramp")
+    with pytest.raises(ValueError, match="policy must be one of \\['fixed', 'unmask_drift', 'per_layer'\\]"):
+        LayerReuseConfig(policy="depth_ramp", k=3)
