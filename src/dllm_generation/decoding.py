@@ -281,8 +281,8 @@ class BlockDiffusionDecoder:
         for r, row in rows.items():
             groups[(row.kind, actions[r])].append(r)
         return tuple(ForwardPlan(kind=kind, rows=tuple(group), subs=tuple(rows[r].sub for r in group),
-                                 actions=layer_actions, residual=self.reuse.residual)
-                     for (kind, layer_actions), group in sorted(groups.items(), key=lambda item: (item[0][0].value, item[0][1])))
+                                 actions=group_actions, residual=self.reuse.residual)
+                     for (kind, group_actions), group in sorted(groups.items(), key=lambda item: (item[0][0].value, item[0][1])))
 
     def _record(self, step: StepPlan, unmasked, block_serial, row_ids) -> None:
         sbs = self.settings.small_block_size

@@ -23,6 +23,7 @@ from ..reuse.config import (
     validate_layers,
     validate_size,
 )
+from ..reuse.policies import registered_policies
 from .protocols import (
     DEFAULT_PROTOCOL,
     GOVERNED,
@@ -186,9 +187,10 @@ class EvalOptions:
     # ------------------------------------------------------------------ derived
     @property
     def uses_policy_fields(self) -> bool:
-        """Any reuse-policy setting beyond the fixed schedule's defaults."""
-        return (self.policy != REUSE_POLICIES[0] or self.tolerance is not None or self.max_staleness is not None
-                or self.layer_k is not None)
+        """Any reuse-policy setting beyond the fixed schedule's defaults (another policy, or a field
+        that only some policy reads)."""
+        return self.policy != REUSE_POLICIES[0] or any(
+            getattr(self, name, None) is not None for policy in registered_policies() for name in policy.fields)
 
     def layer_reuse(self) -> LayerReuseConfig:
         """These options' reuse settings as the library's config (ValueError if they are invalid)."""
