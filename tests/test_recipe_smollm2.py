@@ -203,3 +203,25 @@ def test_the_shipped_model_decodes_the_recorded_slice(tmp_path):
     assert summary["throughput"]["tokens_per_forward"] >= 1.5
     assert summary["accuracy"] == pytest.approx(record["accuracy"]), (summary["accuracy"], record)
     assert summary["counts"]["correct"] == record["correct"], (summary["counts"], record)
+
+
+# ---------------------------------------------------------------------------- GGUF special tokens
+def test_missing_eos_and_pad_are_filled_from_the_file_and_logged(chat_tokenizer, caplog):
+    import copy
+
+    eos_id = chat_tokenizer.eos_token_id
+    bare = copy.deepcopy(chat_tokenizer)
+    bare.eos_token, bare.pad_token = None, None
+    assert bare.eos_token_id is None and bare.pad_token_id is None
+    with caplog.at_level("INFO", logger=base_model.logger.name):
+        filled = base_model.with_special_tokens(bare, {"eos_token": eos_id, "pad_token": eos_id})
+    assert filled.eos_token_id == eos_id and filled.pad_token_id == eos_id
+    assert "has no eos_token" in caplog.text and "has no pad_token" in caplog.text
+    # Tokens the tokenizer has are kept, whatever the file says.
+    kept = base_model.with_special_tokens(copy.deepcopy(chat_tokenizer), {"eos_token": 0})
+    assert kept.eos_token_id == eos_id
+
+
+@needs_base
+def test_the_base_gguf_declares_im_end_as_eos_and_pad():
+    assert base_model.gguf_special_token_ids(base_model.installed_gguf()) == {"eos_token": 2, "pad_token": 2}

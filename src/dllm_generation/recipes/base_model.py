@@ -88,6 +88,35 @@ def fingerprint(base: BaseWeights) -> str:
     return f"hub:{base.hub_id}@{model_info(base.hub_id).sha}"
 
 
+GGUF_SPECIAL_TOKENS = {"eos_token": "tokenizer.ggml.eos_token_id", "pad_token": "tokenizer.ggml.padding_token_id"}
+
+
+def gguf_special_token_ids(path: str) -> dict[str, int]:
+    """The eos and pad ids the GGUF file declares in its own metadata."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(path).fields
+    ids = {}
+    for role, key in GGUF_SPECIAL_TOKENS.items():
+        field = fields.get(key)
+        if field is not None and field.data:
+            ids[role] = int(field.parts[field.data[0]][0])
+    return ids
+
+
+def with_special_tokens(tokenizer, ids: dict[str, int]):
+    """Fill the eos/pad tokens a GGUF tokenizer came without (some transformers versions drop them).
+
+    Tokens the tokenizer already has are kept; each filled one is logged.
+    """
+    for role, token_id in ids.items():
+        if getattr(tokenizer, role) is None:
+            token = tokenizer.convert_ids_to_tokens(token_id)
+            setattr(tokenizer, role, token)
+            logger.info("the GGUF tokenizer has no %s; using %r (id %d) from the file's metadata", role, token, token_id)
+    return tokenizer
+
+
 def load_base(base: BaseWeights, *, dtype: torch.dtype = torch.float32):
     """`(LlamaForCausalLM, tokenizer)` of the base, as plain transformers objects that save and train.
 
@@ -100,7 +129,7 @@ def load_base(base: BaseWeights, *, dtype: torch.dtype = torch.float32):
         tokenizer = AutoTokenizer.from_pretrained(base.hub_id)
         return AutoModelForCausalLM.from_pretrained(base.hub_id, dtype=dtype), tokenizer
     folder, name = os.path.split(base.gguf)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    tokenizer = with_special_tokens(AutoTokenizer.from_pretrained(folder, gguf_file=name), gguf_special_token_ids(base.gguf))
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
     config = loaded.config
     if hasattr(config, "quantization_config"):
