@@ -225,3 +225,12 @@ def test_missing_eos_and_pad_are_filled_from_the_file_and_logged(chat_tokenizer,
 @needs_base
 def test_the_base_gguf_declares_im_end_as_eos_and_pad():
     assert base_model.gguf_special_token_ids(base_model.installed_gguf()) == {"eos_token": 2, "pad_token": 2}
+
+
+@pytest.mark.skipif((SHIPPED / "SHA256SUMS").is_file(), reason="a trained smollm2-bd adapter is in this checkout")
+def test_a_shipped_name_without_its_files_says_so_in_one_line():
+    from dllm_generation.loading import load_model
+
+    with pytest.raises(FileNotFoundError, match="'smollm2-bd' is not in this installation") as error:
+        load_model("smollm2-bd")
+    assert "\n" not in str(error.value)
