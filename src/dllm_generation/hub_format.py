@@ -73,15 +73,23 @@ class ChecksumError(OSError):
     """A shipped file is missing, truncated or altered; the message names the file."""
 
 
-def verify_checksums(path: str) -> None:
-    """Raise ChecksumError naming the first file of SHA256SUMS that is missing or differs."""
-    with open(os.path.join(path, CHECKSUM_FILE), encoding="utf-8") as f:
+def verify_checksums(path: str, *, label: str = "shipped model file", advice: str | None = "reinstall the package") -> None:
+    """Raise ChecksumError naming the first file of SHA256SUMS that is missing or differs.
+
+    `label` says what the files are in the message, and `advice` what to do about it.
+    """
+    sums = os.path.join(path, CHECKSUM_FILE)
+    with open(sums, encoding="utf-8") as f:
         entries = [line.rstrip("\n").split("  ", 1) for line in f if line.strip()]
-    for expected, name in entries:
+    then = f"; {advice}" if advice else ""
+    for entry in entries:
+        if len(entry) != 2:
+            raise ChecksumError(f"{sums} has a malformed line: {'  '.join(entry)!r}")
+        expected, name = entry
         file = os.path.join(path, name)
         if not os.path.isfile(file):
-            raise ChecksumError(f"shipped model file {file} is missing; reinstall the package")
+            raise ChecksumError(f"{label} {file} is missing{then}")
         actual = file_sha256(file)
         if actual != expected:
-            raise ChecksumError(f"checksum mismatch for shipped model file {file} (expected sha256 {expected}, "
-                                f"got {actual}): the file is corrupt or truncated; reinstall the package")
+            raise ChecksumError(f"checksum mismatch for {label} {file} (expected sha256 {expected}, got {actual})"
+                                + (f": the file is corrupt or truncated{then}" if advice else ""))

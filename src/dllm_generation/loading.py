@@ -55,7 +55,7 @@ SHIPPED_MODELS = {"demo": "demo/model", "smollm2-bd": "recipes/smollm2_bd"}
 def shipped_model_path(name: str) -> str:
     """The folder of a shipped model, after checking every file against its SHA256SUMS."""
     path = str(resources.files("dllm_generation").joinpath(SHIPPED_MODELS[name]))
-    if not os.path.isfile(os.path.join(path, "SHA256SUMS")):
+    if not os.path.isdir(path):
         raise FileNotFoundError(
             f"model {name!r} is not in this installation (no trained files at {path}); "
             f"its recipe is in docs/training.md, and load_model accepts the folder a recipe run exports")

@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from ..hub_format import CHECKSUM_FILE, ChecksumError, file_sha256
+from ..hub_format import CHECKSUM_FILE, ChecksumError, verify_checksums
 from .base_model import fingerprint, load_base, locate_base
 
 BASE_MANIFEST = "base_model.json"
@@ -32,18 +32,7 @@ def verify_adapter_checksums(path: str) -> None:
     sums = os.path.join(path, CHECKSUM_FILE)
     if not os.path.isfile(sums):
         raise ChecksumError(f"adapter folder {path} has no {CHECKSUM_FILE}; it was not written by a recipe, or is incomplete")
-    with open(sums, encoding="utf-8") as f:
-        entries = [line.rstrip("\n").split("  ", 1) for line in f if line.strip()]
-    for entry in entries:
-        if len(entry) != 2:
-            raise ChecksumError(f"{sums} has a malformed line: {'  '.join(entry)!r}")
-        expected, name = entry
-        file = os.path.join(path, name)
-        if not os.path.isfile(file):
-            raise ChecksumError(f"adapter file {file} is missing")
-        actual = file_sha256(file)
-        if actual != expected:
-            raise ChecksumError(f"checksum mismatch for adapter file {file} (expected sha256 {expected}, got {actual})")
+    verify_checksums(path, label="adapter file", advice=None)
 
 
 def read_manifest(path: str) -> dict:
