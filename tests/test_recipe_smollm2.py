@@ -188,6 +188,7 @@ def test_the_shipped_adapter_is_small_and_checked():
     assert manifest["steps_done"] == manifest["max_steps"]
 
 
+@pytest.mark.slow  # about 3 minutes on 2 cores
 @needs_shipped
 @needs_base
 def test_the_shipped_model_decodes_the_recorded_slice(tmp_path):

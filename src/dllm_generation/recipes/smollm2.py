@@ -177,6 +177,10 @@ def export_adapter(model, tokenizer, path: str, *, args, identity: str, base, st
     os.makedirs(tmp)
     model.to(torch.bfloat16)  # called once training is over; bf16 halves the shipped adapter
     model.save_pretrained(tmp, save_embedding_layers=False)
+    # peft's model card is an empty template; docs/training.md describes the run instead
+    readme = os.path.join(tmp, "README.md")
+    if os.path.exists(readme):
+        os.remove(readme)
     tokenizer.save_pretrained(tmp)
     config = model.get_base_model().config.to_dict()
     for key in ("dtype", "torch_dtype", "_name_or_path", "transformers_version"):
