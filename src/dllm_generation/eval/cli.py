@@ -13,6 +13,7 @@ import sys
 from fractions import Fraction
 
 from .data import DataUnavailableError, one_line
+from .folder_lock import RunFolderBusyError
 from .model_calls import ModelUnavailableError
 from .options import (
     DEFAULT_MODEL,
@@ -175,7 +176,7 @@ def options_from_args(task: str, args: argparse.Namespace, **overrides) -> EvalO
 
 
 # Errors a user can act on: reported as one line, not a traceback.
-USER_ERRORS = (DataUnavailableError, ModelUnavailableError, InvalidOptionError)
+USER_ERRORS = (DataUnavailableError, ModelUnavailableError, InvalidOptionError, RunFolderBusyError)
 INTERRUPTED = "interrupted; rerun the same command to resume"
 EXIT_INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
 

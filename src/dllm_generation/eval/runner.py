@@ -13,6 +13,7 @@ Order matters and is the point of this module:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -24,6 +25,7 @@ from . import artifacts
 from .artifacts import RunFiles
 from .data import LETTERS, Example, load_task_data
 from .distributed import ProcessContext, process_context
+from .folder_lock import run_folder_lock
 from .model_calls import (
     build_generation_config,
     check_device,
@@ -103,6 +105,13 @@ def run_eval(
         logger.warning("%s: layer reuse does not apply to loglikelihood scoring (one forward per choice); "
                        "use --mmlu-mode generative to measure it", options.layer_reuse().label)
     files = RunFiles(options.run_dir(), ctx.rank)
+    # The main process holds the folder for the whole run: nothing below may interleave with another run.
+    with run_folder_lock(files.dir) if ctx.is_main else contextlib.nullcontext():
+        return _run_locked(options, files, ctx, scorer, model=model, tokenizer=tokenizer, loader=loader,
+                           progress=progress, started=started)
+
+
+def _run_locked(options, files: RunFiles, ctx, scorer, *, model, tokenizer, loader, progress, started) -> dict:
     if ctx.is_main:
         files.settle_replaced()
     ctx.barrier()
