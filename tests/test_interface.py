@@ -312,6 +312,26 @@ def test_prompt_ids_outside_the_vocabulary_fail_before_compute(tiny_model):
         loglikelihood(tiny_model, [[1, 2]], [[512]])
 
 
+@pytest.mark.parametrize("position", [2, 40], ids=["last partial block", "whole prompt block"])
+def test_a_mask_id_inside_the_prompt_is_refused_before_compute(tiny_model, position):
+    """The decoder generates where the mask id stands: one in the prompt would be decoded over
+    (and `sequences` would still show the prompt's), so it is refused, naming row and position."""
+    prompt = random_prompts([45], TINY_MASK - 8, seed=3)[0]
+    prompt[position] = TINY_MASK
+    guard = ComputeGuard(tiny_model)
+    try:
+        with pytest.raises(ValueError, match=rf"input_ids row 1 holds the mask token id {TINY_MASK} at position {position} "
+                                             rf"\(allowed: any id but {TINY_MASK}"):
+            tiny_model.generate(torch.tensor([random_prompts([45], TINY_MASK - 8, seed=4)[0], prompt]),
+                                generation_config=GenerationConfig(**BASE))
+    finally:
+        guard.close()
+    assert guard.calls == 0
+    # The mask id as left padding is not part of the prompt.
+    tiny_model.generate(torch.tensor([[TINY_MASK, 2, 3]]), attention_mask=torch.tensor([[0, 1, 1]]),
+                        generation_config=GenerationConfig(**BASE))
+
+
 def test_attach_refusal_names_what_attach_supports_not_what_it_refused():
     from transformers import Qwen2Config, Qwen2Model
 

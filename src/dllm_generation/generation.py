@@ -77,6 +77,18 @@ def check_token_ids(rows: list[list[int]], vocab_size: int, what: str = "input_i
             )
 
 
+def check_no_mask_token(rows: list[list[int]], mask_token_id: int, what: str = "input_ids") -> None:
+    """The prompt is the caller's and is never rewritten, but the decoder finds the positions to
+    generate by the mask id: a mask id inside a prompt would be decoded over. Refused instead."""
+    for i, row in enumerate(rows):
+        if mask_token_id in row:
+            raise ValueError(
+                f"{what} row {i} holds the mask token id {mask_token_id} at position {row.index(mask_token_id)} "
+                f"(allowed: any id but {mask_token_id}; the decoder would overwrite it); a text containing the "
+                "tokenizer's mask token (|<MASK>|) encodes to it: remove or escape that string"
+            )
+
+
 @dataclass
 class BlockDiffusionGenerateOutput(GenerateDecoderOnlyOutput):
     """HF's decoder-only output plus the decode's run statistics."""
@@ -159,6 +171,7 @@ class BlockDiffusionGenerationMixin:
             if not p:
                 raise ValueError(f"input_ids row {i} is empty after removing padding (attention_mask is all 0)")
         check_token_ids(prompts, runner.embed.num_embeddings)
+        check_no_mask_token(prompts, settings.mask_token_id)
         layout = plan_layout([len(p) for p in prompts], settings.block_size, settings.max_new_tokens)
         max_pos = getattr(self.config, "max_position_embeddings", None)
         if max_pos is not None:
