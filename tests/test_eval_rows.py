@@ -54,3 +54,23 @@ def test_a_row_the_model_cannot_decode_is_refused_naming_it(question, expected, 
     line = one_error_line(capsys.readouterr().err)
     assert line.startswith("error: row 'arith-test-0-2': ") and expected in line
     assert not out.exists()  # nothing was written
+
+
+def test_a_row_with_a_null_field_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import dllm_generation
+
+    monkeypatch.setattr(dllm_generation, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    data = rows_with(tmp_path, 1, question=None)
+    assert main("arith", [*ARITH, "--data-files", data, "--output-dir", str(tmp_path / "out")]) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert "line 2 has field 'question' = null" in line and "allowed:" in line
+
+
+@pytest.mark.parametrize("flag", ["--k", "--subset", "--mode", "--size"])
+def test_an_empty_grid_list_is_refused_not_run_as_nothing(flag, tmp_path, capsys):
+    from dllm_generation.eval.cli import grid_main
+
+    with pytest.raises(SystemExit) as stopped:
+        grid_main(["--task", "arith", flag, "", "--output-dir", str(tmp_path / "out")])
+    assert stopped.value.code == 2
+    assert f"{flag} is empty (allowed: a comma-separated list of" in capsys.readouterr().err

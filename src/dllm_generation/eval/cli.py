@@ -219,6 +219,10 @@ def grid_main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     parser.add_argument("--max-runs", type=int, default=None, help="stop after running this many configurations")
     args = parser.parse_args(argv)
     _setup_logging(args.log_level)
+    for name, allowed in (("k", "integers >= 1"), ("subset", ", ".join(SUBSETS)), ("size", "layer counts or shares"),
+                          ("mode", ", ".join(REUSE_MODES))):
+        if not getattr(args, name):  # "--k ''" would run no configuration and report success
+            _refuse(parser, InvalidOptionError(f"--{name} is empty (allowed: a comma-separated list of {allowed})"))
     from .grid import grid_options, run_grid
 
     try:
