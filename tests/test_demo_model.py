@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -53,6 +54,67 @@ def test_checksums_match_and_a_damaged_file_is_named(tmp_path):
     (copy / "tokenizer.json").unlink()
     with pytest.raises(ChecksumError, match="tokenizer.json"):
         verify_checksums(str(copy))
+
+
+def flip_one_weight_byte(folder) -> str:
+    """Alter one byte in the middle of a shard's tensor data: safetensors still loads it."""
+    shard = folder / "model-00001-of-00002.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    return shard.name
+
+
+def test_a_copied_folder_is_checked_against_its_checksums_too(tmp_path, capsys):
+    copy = tmp_path / "demo-copy"
+    shutil.copytree(shipped_model_path("demo"), copy)
+    name = flip_one_weight_byte(copy)
+    with pytest.raises(ChecksumError, match=f"checksum mismatch for checkpoint file {copy / name}"):
+        load_model(str(copy))
+    from dllm_generation.eval.cli import main
+
+    assert main("arith", ["--model", str(copy), "--limit", "2", "--output-dir", str(tmp_path / "out")]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "ChecksumError: checksum mismatch" in errors[0] and name in errors[0]
+    (copy / "SHA256SUMS").unlink()  # a folder without checksums promises nothing: it loads
+    load_model(str(copy))
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("missing", "the checksum file {sums} is missing"),
+    ("empty", "the checksum file {sums} lists no files"),
+    ("one field", "the checksum file {sums} has a malformed line"),
+    ("not hex", "the checksum file {sums} has a malformed line"),
+    ("binary", "the checksum file {sums} cannot be read"),
+])
+def test_a_missing_or_malformed_checksum_file_of_a_shipped_model_is_a_checksum_error(damage, expected, tmp_path):
+    from dllm_generation.loading import verify_folder
+
+    copy = tmp_path / "demo"
+    shutil.copytree(shipped_model_path("demo"), copy)
+    sums = copy / "SHA256SUMS"
+    lines = sums.read_text().splitlines(keepends=True)
+    content = {"missing": None, "empty": "", "one field": "".join(lines[1:]) + "deadbeef\n",
+               "not hex": "z" * 64 + "  config.json\n" + "".join(lines), "binary": b"\xff\xfe\x00garbage"}[damage]
+    if content is None:
+        sums.unlink()
+    elif isinstance(content, bytes):
+        sums.write_bytes(content)
+    else:
+        sums.write_text(content)
+    with pytest.raises(ChecksumError, match=re.escape(expected.format(sums=sums))):
+        verify_folder(str(copy), shipped=True)
+
+
+def test_a_corrupt_tokenizer_file_is_named_not_taken_for_a_missing_tokenizer(tmp_path):
+    copy = tmp_path / "demo"
+    shutil.copytree(shipped_model_path("demo"), copy)
+    (copy / "tokenizer.json").write_text('{"version": "1.0", "model": ')  # cut short
+    with pytest.raises(ChecksumError, match="tokenizer.json"):  # the folder's checksums see it first
+        load_model(str(copy))
+    (copy / "SHA256SUMS").unlink()
+    with pytest.raises(ValueError, match=r"the tokenizer files of .*tokenizer.json.* do not load"):
+        load_model(str(copy))
 
 
 def test_loading_checks_the_shipped_files(monkeypatch):

@@ -390,3 +390,12 @@ def test_the_fast_path_label_says_what_fell_back_inside_the_engine():
     assert fast_path_label(ran | {"graph_failure": "out of memory while capturing"}) == \
         "compile (graph capture failed: uncaptured passes)"
     assert fast_path_label(ran | {"compile_failure": "x"}) == "compile (torch.compile failed: uncompiled layers)"
+
+
+def test_report_prints_a_reuse_share_as_its_label_and_the_layers_it_resolved_to(tmp_path):
+    s = _summary("gpqa", "k2_first0.429_output", 2, 0.5, 10.0)
+    s["generation"]["layer_reuse"].update(size=3 / 7, resolved_layers=[1, 2, 3, 4, 5, 6])
+    artifacts.write_json_atomic(str(tmp_path / "gpqa" / "k2_first0.429_output" / "summary.json"), s)
+    text = Path(build_report(str(tmp_path), plots=False)).read_text()
+    line = next(line for line in text.splitlines() if line.startswith("| k2_first0.429_output"))
+    assert "| first 0.429 (6 layers) |" in line and "0.428571" not in line

@@ -139,6 +139,7 @@ class ComputeGuard:
         (dict(layer_reuse=LayerReuseConfig(k=2, subset="first", size=4)), "size"),
         (dict(layer_reuse=LayerReuseConfig(k=2, layers=[1, 9])), "layers"),
         (dict(num_beams=2), "num_beams"),
+        (dict(do_sample=True, temperature=float("nan")), "temperature must be a finite number"),
     ],
 )
 def test_bad_generation_input_fails_before_compute(tiny_model, overrides, field):
@@ -310,6 +311,66 @@ def test_prompt_ids_outside_the_vocabulary_fail_before_compute(tiny_model):
 
     with pytest.raises(ValueError, match="continuations row 0 holds token id 512"):
         loglikelihood(tiny_model, [[1, 2]], [[512]])
+
+
+@pytest.mark.parametrize("position", [2, 40], ids=["last partial block", "whole prompt block"])
+def test_a_mask_id_inside_the_prompt_is_refused_before_compute(tiny_model, position):
+    """The decoder generates where the mask id stands: one in the prompt would be decoded over
+    (and `sequences` would still show the prompt's), so it is refused, naming row and position."""
+    prompt = random_prompts([45], TINY_MASK - 8, seed=3)[0]
+    prompt[position] = TINY_MASK
+    guard = ComputeGuard(tiny_model)
+    try:
+        with pytest.raises(ValueError, match=rf"input_ids row 1 holds the mask token id {TINY_MASK} at position {position} "
+                                             rf"\(allowed: any id but {TINY_MASK}"):
+            tiny_model.generate(torch.tensor([random_prompts([45], TINY_MASK - 8, seed=4)[0], prompt]),
+                                generation_config=GenerationConfig(**BASE))
+    finally:
+        guard.close()
+    assert guard.calls == 0
+    # The mask id as left padding is not part of the prompt.
+    tiny_model.generate(torch.tensor([[TINY_MASK, 2, 3]]), attention_mask=torch.tensor([[0, 1, 1]]),
+                        generation_config=GenerationConfig(**BASE))
+
+
+@pytest.mark.parametrize("ids, message", [
+    (torch.tensor([[1.5, 2.0, 3.0]]), r"input_ids dtype torch.float32 is not allowed \(allowed: an integer dtype"),
+    (torch.tensor([[True, False, True]]), r"input_ids dtype torch.bool is not allowed"),
+    (torch.ones((2, 3, 4), dtype=torch.long), r"input_ids has 3 dimensions, shape \(2, 3, 4\) \(allowed: 2"),
+    ([[1, 2, 3]], r"input_ids must be a tensor of token ids, got list"),
+], ids=["float", "bool", "3-D", "list"])
+def test_input_ids_of_the_wrong_dtype_or_shape_fail_before_compute(tiny_model, ids, message):
+    guard = ComputeGuard(tiny_model)
+    try:
+        with pytest.raises(ValueError, match=message):
+            tiny_model.generate(ids, generation_config=GenerationConfig(**BASE))
+    finally:
+        guard.close()
+    assert guard.calls == 0
+
+
+def test_max_length_counts_the_input_as_transformers_does(tiny_model, caplog):
+    ids = torch.tensor([random_prompts([5], TINY_MASK - 8, seed=5)[0]])
+    saved = tiny_model.generation_config.max_new_tokens
+    tiny_model.generation_config.max_new_tokens = 40  # the model's default must not win over the call's max_length
+    try:
+        out = tiny_model.generate(ids, max_length=25)
+        assert out.shape == (1, 25)
+        assert torch.equal(out, tiny_model.generate(ids, max_new_tokens=20))
+        explicit = GenerationConfig(**{**BASE, "max_new_tokens": None}, max_length=25)
+        assert tiny_model.generate(ids, generation_config=explicit).shape == (1, 25)
+        with caplog.at_level("WARNING", logger="dllm_generation.generation"):  # as transformers: max_new_tokens wins
+            assert tiny_model.generate(ids, max_length=25, max_new_tokens=8).shape == (1, 13)
+        assert "max_new_tokens takes precedence" in caplog.text
+        guard = ComputeGuard(tiny_model)
+        try:
+            with pytest.raises(ValueError, match=r"max_length=5 leaves no room for new tokens after the 5-token input"):
+                tiny_model.generate(ids, max_length=5)
+        finally:
+            guard.close()
+        assert guard.calls == 0
+    finally:
+        tiny_model.generation_config.max_new_tokens = saved
 
 
 def test_attach_refusal_names_what_attach_supports_not_what_it_refused():

@@ -309,3 +309,19 @@ def test_recall_falls_back_to_compute_when_the_entry_does_not_cover_the_request(
         2: (True, True),  # another sub-block's entry (layer 1) or none (layer 2): compute
     }
     assert all(decided[r][layer] is LayerAction.RECALL for r, layer in ((0, 1), (0, 2), (1, 2)))
+
+
+def test_explicit_layers_must_leave_one_layer_running(tiny_model):
+    """As for `size`: a `layers` list naming every layer of the model is refused before any forward."""
+    with pytest.raises(ValueError, match=r"layers lists all 4 layers of the model \(allowed: at most 3"):
+        LayerReuseConfig(k=2, layers=[0, 1, 2, 3]).resolve_layers(4)
+    assert LayerReuseConfig(k=2, layers=[1, 2, 3]).resolve_layers(4) == (1, 2, 3)
+    calls = []
+    handle = tiny_model.model.embed_tokens.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match="at least one layer must keep running"):
+            tiny_model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=8,
+                                layer_reuse=LayerReuseConfig(k=2, layers=list(range(4))))
+    finally:
+        handle.remove()
+    assert not calls

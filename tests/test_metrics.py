@@ -373,3 +373,16 @@ def test_package_imports_no_optional_dependency():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("ok")
+
+
+def test_arith_correct_follows_its_strict_primary_metric_not_gsm8k_flexible_one():
+    """arith shares gsm8k's scorer but reports strict match: `correct` (and the summary's count of
+    correct samples) must follow the metric `accuracy` averages."""
+    from dllm_generation.eval.metrics import PRIMARY_METRIC, score_sample
+
+    doc = {"question": "Ann has 60 pens and gets 2 more. How many pens does Ann have?", "answer": "60 + 2 = 62\n#### 62"}
+    loose = score_sample("arith", "Ann has 62 pens.", doc)  # right number, not in the `#### n` format
+    assert loose["metrics"]["exact_match_flexible"] == 1.0 and loose["metrics"][PRIMARY_METRIC["arith"]] == 0.0
+    assert loose["correct"] is False
+    assert score_sample("gsm8k", "Ann has 62 pens.", doc)["correct"] is True  # gsm8k's primary is the flexible one
+    assert score_sample("arith", "60 + 2 = 62\n#### 62", doc)["correct"] is True

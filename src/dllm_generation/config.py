@@ -8,6 +8,7 @@ here for code that imported it from this module.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -173,8 +174,8 @@ def resolve_settings(
     temperature = 0.0 if temperature is None else float(temperature)
     top_p = getattr(call_config, "top_p", None)
     top_p = 1.0 if top_p is None else float(top_p)
-    if do_sample and temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if do_sample and not (math.isfinite(temperature) and temperature >= 0):  # NaN compares False to everything
+        raise ValueError(f"temperature must be a finite number >= 0 when sampling, got {temperature}")
     if not (0 < top_p <= 1):
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if do_sample and temperature == 0:

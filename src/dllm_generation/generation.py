@@ -77,6 +77,36 @@ def check_token_ids(rows: list[list[int]], vocab_size: int, what: str = "input_i
             )
 
 
+def check_no_mask_token(rows: list[list[int]], mask_token_id: int, what: str = "input_ids") -> None:
+    """The prompt is the caller's and is never rewritten, but the decoder finds the positions to
+    generate by the mask id: a mask id inside a prompt would be decoded over. Refused instead."""
+    for i, row in enumerate(rows):
+        if mask_token_id in row:
+            raise ValueError(
+                f"{what} row {i} holds the mask token id {mask_token_id} at position {row.index(mask_token_id)} "
+                f"(allowed: any id but {mask_token_id}; the decoder would overwrite it); a text containing the "
+                "tokenizer's mask token (|<MASK>|) encodes to it: remove or escape that string"
+            )
+
+
+def _requested_max_length(generation_config, kwargs: dict):
+    """The `max_length` this call asks for, or None when `max_new_tokens` decides (transformers' rule:
+    max_new_tokens takes precedence when both are given). A call's max_length outranks the model's
+    own max_new_tokens default; GenerationConfig's default max_length (20) is not a request."""
+    if kwargs.get("max_length") is not None:
+        new = kwargs.get("max_new_tokens", getattr(generation_config, "max_new_tokens", None))
+        if new is not None:
+            logger.warning("both max_new_tokens (%s) and max_length (%s) are set: max_new_tokens takes precedence",
+                           new, kwargs["max_length"])
+            return None
+        return kwargs["max_length"]
+    if generation_config is not None and getattr(generation_config, "max_new_tokens", None) is None:
+        length = getattr(generation_config, "max_length", None)
+        if length is not None and length != GenerationConfig().max_length:
+            return length
+    return None
+
+
 @dataclass
 class BlockDiffusionGenerateOutput(GenerateDecoderOnlyOutput):
     """HF's decoder-only output plus the decode's run statistics."""
@@ -142,14 +172,30 @@ class BlockDiffusionGenerationMixin:
         self._check_generation_fields(call_config, explicit=generation_config is not None, kwargs=kwargs)
         if input_ids is None:
             raise ValueError("input_ids must be given")
+        if not isinstance(input_ids, torch.Tensor):
+            raise ValueError(f"input_ids must be a tensor of token ids, got {type(input_ids).__name__} "
+                             "(allowed: a torch integer tensor, e.g. tokenizer(..., return_tensors='pt'))")
+        if input_ids.dtype == torch.bool or input_ids.dtype.is_floating_point or input_ids.dtype.is_complex:
+            raise ValueError(f"input_ids dtype {input_ids.dtype} is not allowed (allowed: an integer dtype, "
+                             "e.g. torch.long): token ids are whole numbers")
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids has {input_ids.dim()} dimensions, shape {tuple(input_ids.shape)} "
+                             "(allowed: 2, (batch, length), or 1 for a single prompt)")
         if input_ids.shape[0] == 0:
             raise ValueError("input_ids is an empty batch: give at least one prompt")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        max_length = _requested_max_length(generation_config, kwargs)
+        if max_length is not None:  # as transformers: the total length, counted from the (padded) input width
+            if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length <= input_ids.shape[1]:
+                raise ValueError(f"max_length={max_length!r} leaves no room for new tokens after the "
+                                 f"{input_ids.shape[1]}-token input (allowed: an integer > {input_ids.shape[1]}, "
+                                 "or max_new_tokens)")
+            call_config.max_new_tokens = max_length - input_ids.shape[1]
 
         runner = LayerStackRunner(self)
         settings = resolve_settings(call_config, self.generation_config, self.config,
@@ -159,6 +205,7 @@ class BlockDiffusionGenerationMixin:
             if not p:
                 raise ValueError(f"input_ids row {i} is empty after removing padding (attention_mask is all 0)")
         check_token_ids(prompts, runner.embed.num_embeddings)
+        check_no_mask_token(prompts, settings.mask_token_id)
         layout = plan_layout([len(p) for p in prompts], settings.block_size, settings.max_new_tokens)
         max_pos = getattr(self.config, "max_position_embeddings", None)
         if max_pos is not None:

@@ -79,12 +79,20 @@ def verify_checksums(path: str, *, label: str = "shipped model file", advice: st
     `label` says what the files are in the message, and `advice` what to do about it.
     """
     sums = os.path.join(path, CHECKSUM_FILE)
-    with open(sums, encoding="utf-8") as f:
-        entries = [line.rstrip("\n").split("  ", 1) for line in f if line.strip()]
     then = f"; {advice}" if advice else ""
+    try:
+        with open(sums, encoding="utf-8") as f:
+            entries = [line.rstrip("\n").split("  ", 1) for line in f if line.strip()]
+    except FileNotFoundError:
+        raise ChecksumError(f"the checksum file {sums} is missing, so the {label}s cannot be checked{then}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ChecksumError(f"the checksum file {sums} cannot be read ({err}){then}") from None
+    if not entries:
+        raise ChecksumError(f"the checksum file {sums} lists no files{then}")
     for entry in entries:
-        if len(entry) != 2:
-            raise ChecksumError(f"{sums} has a malformed line: {'  '.join(entry)!r}")
+        if len(entry) != 2 or not _is_sha256(entry[0]) or not entry[1] or os.path.isabs(entry[1]) or ".." in entry[1].split("/"):
+            raise ChecksumError(f"the checksum file {sums} has a malformed line: {'  '.join(entry)!r} "
+                                f"(allowed: '<64 hex digits>  <file name>', as sha256sum writes){then}")
         expected, name = entry
         file = os.path.join(path, name)
         if not os.path.isfile(file):
@@ -93,3 +101,7 @@ def verify_checksums(path: str, *, label: str = "shipped model file", advice: st
         if actual != expected:
             raise ChecksumError(f"checksum mismatch for {label} {file} (expected sha256 {expected}, got {actual})"
                                 + (f": the file is corrupt or truncated{then}" if advice else ""))
+
+
+def _is_sha256(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text.lower())

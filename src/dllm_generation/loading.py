@@ -21,7 +21,7 @@ from transformers.models.llama import LlamaConfig, LlamaForCausalLM
 from transformers.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
 
 from .generation import BlockDiffusionGenerationMixin
-from .hub_format import verify_checksums
+from .hub_format import CHECKSUM_FILE, verify_checksums
 
 logger = logging.getLogger(__name__)
 
@@ -54,34 +54,56 @@ SHIPPED_MODELS = {"demo": "demo/model", "smollm2-bd": "recipes/smollm2_bd"}
 
 def shipped_model_path(name: str) -> str:
     """The folder of a shipped model, after checking every file against its SHA256SUMS."""
+    path = _shipped_folder(name)
+    verify_folder(path, shipped=True)
+    return path
+
+
+def _shipped_folder(name: str) -> str:
     path = str(resources.files("dllm_generation").joinpath(SHIPPED_MODELS[name]))
     if not os.path.isdir(path):
         raise FileNotFoundError(
             f"model {name!r} is not in this installation (no trained files at {path}); "
             f"its recipe is in docs/training.md, and load_model accepts the folder a recipe run exports")
+    return path
+
+
+def verify_folder(path: str, *, shipped: bool = False) -> None:
+    """Check a model folder against its SHA256SUMS wherever it is: a copy or an export carries the
+    promise as much as the shipped original. A shipped model must have the file; another folder
+    is checked when it has one."""
     from .recipes.adapter_model import is_adapter_folder, verify_adapter_checksums
 
     if is_adapter_folder(path):
         verify_adapter_checksums(path)
-    else:
+    elif shipped:
         verify_checksums(path)
-    return path
+    elif os.path.exists(os.path.join(path, CHECKSUM_FILE)):
+        verify_checksums(path, label="checkpoint file", advice="the folder is damaged: copy or export it again")
 
 
-def resolve_pretrained(pretrained: str) -> str:
-    """A shipped model's folder, a local folder, or a hub id (`owner/name`), as given.
+def locate_pretrained(pretrained: str) -> str:
+    """A shipped model's folder, a local folder, or a hub id (`owner/name`), as given; nothing is verified.
 
     A name with no `/` that is not a local folder must be a shipped model: anything else is a
     typo, and the error lists what is shipped.
     """
     if pretrained in SHIPPED_MODELS:
-        return shipped_model_path(pretrained)
+        return _shipped_folder(pretrained)
     if os.path.isdir(pretrained) or "/" in pretrained:
         return pretrained
     raise ValueError(
         f"unknown model {pretrained!r}: not a local folder, not a hub id (owner/name), and not a shipped model "
         f"(shipped: {', '.join(sorted(SHIPPED_MODELS))})"
     )
+
+
+def resolve_pretrained(pretrained: str) -> str:
+    """`locate_pretrained`, with a local folder's files checked against its SHA256SUMS (ChecksumError)."""
+    path = locate_pretrained(pretrained)
+    if os.path.isdir(path):
+        verify_folder(path, shipped=pretrained in SHIPPED_MODELS)
+    return path
 
 
 class _PipelineAcceptsDiffusionClasses(logging.Filter):
@@ -204,17 +226,26 @@ def _greedy_by_default(gc) -> None:
         setattr(gc, name, None)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "tokenizer_config.json")
+
+
 def _load_tokenizer(source: str, config=None, **hub_kwargs):
-    if os.path.isdir(source) and not any(
-        os.path.exists(os.path.join(source, name))
-        for name in ("tokenizer.json", "vocab.json", "tokenizer.model", "tokenizer_config.json")
-    ):
+    """The folder's tokenizer; None when it has no tokenizer files. Files that are there but do not
+    load are an error (a damaged folder), not a folder without a tokenizer."""
+    local = os.path.isdir(source)
+    if local and not any(os.path.exists(os.path.join(source, name)) for name in TOKENIZER_FILES):
         return None
     try:
         # The hub config.json names remote code (auto_map, Fast_dLLM_Qwen): hand AutoTokenizer the
         # converted config instead, so it neither prompts for trust_remote_code nor warns.
         return AutoTokenizer.from_pretrained(source, config=config, trust_remote_code=False, **hub_kwargs)
-    except (OSError, ValueError) as err:
+    except Exception as err:  # tokenizers raises its own exception type for a corrupt tokenizer.json
+        if local:
+            present = [name for name in TOKENIZER_FILES if os.path.exists(os.path.join(source, name))]
+            raise ValueError(f"the tokenizer files of {source} ({', '.join(present)}) do not load: "
+                             f"{type(err).__name__}: {err}") from None
+        if not isinstance(err, (OSError, ValueError)):
+            raise
         logger.warning("no tokenizer loaded from %s: %s", source, err)
         return None
 

@@ -13,6 +13,7 @@ import sys
 from fractions import Fraction
 
 from .data import DataUnavailableError, one_line
+from .folder_lock import RunFolderBusyError
 from .model_calls import ModelUnavailableError
 from .options import (
     DEFAULT_MODEL,
@@ -175,7 +176,7 @@ def options_from_args(task: str, args: argparse.Namespace, **overrides) -> EvalO
 
 
 # Errors a user can act on: reported as one line, not a traceback.
-USER_ERRORS = (DataUnavailableError, ModelUnavailableError, InvalidOptionError)
+USER_ERRORS = (DataUnavailableError, ModelUnavailableError, InvalidOptionError, RunFolderBusyError)
 INTERRUPTED = "interrupted; rerun the same command to resume"
 EXIT_INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
 
@@ -218,6 +219,10 @@ def grid_main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     parser.add_argument("--max-runs", type=int, default=None, help="stop after running this many configurations")
     args = parser.parse_args(argv)
     _setup_logging(args.log_level)
+    for name, allowed in (("k", "integers >= 1"), ("subset", ", ".join(SUBSETS)), ("size", "layer counts or shares"),
+                          ("mode", ", ".join(REUSE_MODES))):
+        if not getattr(args, name):  # "--k ''" would run no configuration and report success
+            _refuse(parser, InvalidOptionError(f"--{name} is empty (allowed: a comma-separated list of {allowed})"))
     from .grid import grid_options, run_grid
 
     try:

@@ -154,6 +154,11 @@ def check_fields(task: str, rows: list[dict], where: str, *, first_line: int | N
                     f"{where}: {place} has no field {wanted} (fields: {have}); {task} rows need "
                     f"{', '.join(_field_names(required))}. Is this {task} data? Expected {LOCAL_HINTS[task]}"
                 )
+            if all(row.get(name) is None for name in options):  # present, but null: nothing to prompt with
+                raise DataUnavailableError(
+                    f"{where}: {place} has field {options[0]!r} = null (allowed: a value, e.g. text); "
+                    "fix or remove that row"
+                )
 
 
 def _field_names(required: tuple) -> list[str]:

@@ -16,14 +16,16 @@ import traceback
 from dataclasses import dataclass, field
 
 from .data import DataUnavailableError
+from .folder_lock import RunFolderBusyError
 from .model_calls import ModelUnavailableError, check_layer_reuse, load_model_and_tokenizer
 from .options import EvalOptions, InvalidOptionError
 from .runner import completed_summary, run_eval
 
 logger = logging.getLogger(__name__)
 
-# Errors that every cell would hit the same way: stop instead of failing each cell in turn.
-FATAL = (DataUnavailableError, ModelUnavailableError, InvalidOptionError)
+# Errors that every cell would hit the same way: stop instead of failing each cell in turn. A folder
+# another process holds means another sweep is running over the same cells: stop, do not race it.
+FATAL = (DataUnavailableError, ModelUnavailableError, InvalidOptionError, RunFolderBusyError)
 
 
 @dataclass

@@ -43,7 +43,7 @@ def load_model_and_tokenizer(options, device: str | None):
     size beyond its depth) are refused before any weights are read.
     """
     from dllm_generation import load_model
-    from dllm_generation.loading import config_from_hub_dict, read_config_dict, resolve_pretrained
+    from dllm_generation.loading import config_from_hub_dict, locate_pretrained, read_config_dict, resolve_pretrained
 
     dtype = options.dtype
     if dtype == "reference":
@@ -57,10 +57,13 @@ def load_model_and_tokenizer(options, device: str | None):
     if options.tokenizer:
         kwargs["tokenizer"] = options.tokenizer
     try:
-        path = resolve_pretrained(options.model)  # a shipped model's files are verified here, once
-        config, _ = config_from_hub_dict(read_config_dict(path))
+        try:  # the depth, before any weights are read (or hashed)
+            config, _ = config_from_hub_dict(read_config_dict(locate_pretrained(options.model)))
+        except (OSError, ValueError):
+            resolve_pretrained(options.model)  # a damaged folder's checksum error names the file
+            raise
         check_layer_reuse(options, config.num_hidden_layers)
-        model, tokenizer = load_model(path, **kwargs)
+        model, tokenizer = load_model(options.model, **kwargs)  # verifies a folder's SHA256SUMS, once
     except InvalidOptionError:
         raise
     except (OSError, ValueError, RuntimeError) as err:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 
@@ -170,6 +171,8 @@ class EvalOptions:
                 self.layer_reuse()
         except ValueError as err:
             raise InvalidOptionError(str(err)) from None
+        if self.run_name is not None:
+            _run_name(self.run_name)
         _writable_folder("output_dir", self.output_dir)
         _at_least("num_fewshot", self.num_fewshot, 0)
         if self.num_fewshot > 0 and self.task not in FEWSHOT_TASKS:
@@ -279,6 +282,19 @@ class EvalOptions:
 def _choice(name: str, value, allowed) -> None:
     if value not in allowed:
         raise InvalidOptionError(f"{name}={value!r} is not allowed (allowed: {', '.join(map(str, allowed))})")
+
+
+# A run name is one folder inside <output_dir>/<task>/: anything else (a path, "..", a hidden name)
+# would write where `report` never looks, or outside the output folder.
+RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+
+
+def _run_name(value) -> None:
+    if not isinstance(value, str) or not RUN_NAME.fullmatch(value):
+        raise InvalidOptionError(
+            f"run_name={value!r} is not allowed (allowed: one folder name of letters, digits, '.', '_' and '-', "
+            "not starting with '.', at most 128 characters)"
+        )
 
 
 def _writable_folder(name: str, path: str) -> None:

@@ -15,6 +15,7 @@ import logging
 import os
 from collections import defaultdict
 
+from ..reuse.config import is_share, size_label
 from .artifacts import RunFiles, read_json, write_text_atomic
 from .provenance import BUSY_LOAD_PER_CPU
 
@@ -125,6 +126,17 @@ def comparability(summary: dict) -> str:
     return ", ".join(notes) + ": tok/s not comparable" if notes else ""
 
 
+def _subset_text(reuse: dict) -> str:
+    """The reused layers as a reader wants them: `first 0.429 (6 layers)`, not the share's full float."""
+    if not reuse:
+        return "-"
+    if reuse.get("layers"):
+        return "layers " + ",".join(map(str, reuse["layers"]))
+    text = f"{reuse['subset']} {size_label(reuse['size'])}"
+    resolved = reuse.get("resolved_layers")
+    return text + (f" ({len(resolved)} layers)" if resolved and is_share(reuse["size"]) else "")
+
+
 def _task_table(task: str, runs: list[dict]) -> list[str]:
     metric = runs[0].get("primary_metric", "accuracy")
     lines = [
@@ -137,8 +149,7 @@ def _task_table(task: str, runs: list[dict]) -> list[str]:
     for s, speedup in zip(runs, speedups(runs)):
         gen, tp = s["generation"], s["throughput"]
         reuse = gen.get("layer_reuse") or {}
-        subset = ("layers " + ",".join(map(str, reuse["layers"]))) if reuse.get("layers") else (
-            f"{reuse['subset']} {reuse['size']}" if reuse else "-")
+        subset = _subset_text(reuse)
         lines.append(
             f"| {s['config']} | {gen['k']} | {subset} | {reuse.get('mode', '-')} | {s['counts']['samples']} "
             f"| {_fmt(s.get('accuracy'), 4)} | {_fmt(tp.get('tokens_per_second'), 1)} | "

@@ -13,6 +13,7 @@ Order matters and is the point of this module:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -22,8 +23,9 @@ import torch
 from ..reuse.config import REUSE_FIELDS
 from . import artifacts
 from .artifacts import RunFiles
-from .data import LETTERS, Example, load_task_data
+from .data import LETTERS, DataUnavailableError, Example, load_task_data
 from .distributed import ProcessContext, process_context
+from .folder_lock import run_folder_lock
 from .model_calls import (
     build_generation_config,
     check_device,
@@ -103,6 +105,13 @@ def run_eval(
         logger.warning("%s: layer reuse does not apply to loglikelihood scoring (one forward per choice); "
                        "use --mmlu-mode generative to measure it", options.layer_reuse().label)
     files = RunFiles(options.run_dir(), ctx.rank)
+    # The main process holds the folder for the whole run: nothing below may interleave with another run.
+    with run_folder_lock(files.dir) if ctx.is_main else contextlib.nullcontext():
+        return _run_locked(options, files, ctx, scorer, model=model, tokenizer=tokenizer, loader=loader,
+                           progress=progress, started=started)
+
+
+def _run_locked(options, files: RunFiles, ctx, scorer, *, model, tokenizer, loader, progress, started) -> dict:
     if ctx.is_main:
         files.settle_replaced()
     ctx.barrier()
@@ -144,6 +153,7 @@ def run_eval(
         check_model_fits(options, model, tokenizer)
         device = str(model_device(model))
         evaluator = _Evaluator(options, model, tokenizer, data, scorer, ctx.rank)
+        evaluator.check_rows(mine)
         if options.warmup:
             warmup = evaluator.warm_up(mine)
     ctx.barrier()  # every process can start: only now does the folder change
@@ -195,13 +205,47 @@ class _Evaluator:
         self.data, self.scorer, self.rank = data, scorer, rank
         self.index = {ex.id: i for i, ex in enumerate(data.examples)}
         self.generation_config = None if options.uses_loglikelihood else build_generation_config(options, tokenizer)
+        self._ids: dict = {}  # prompt ids per row id, tokenised once
 
     def _prompt_text(self, ex: Example) -> str:
         prompt = build_prompt(self.options.task, ex.doc, self.data.fewshot, mmlu_mode=self.options.mmlu_mode)
         return render_text(self.tokenizer, prompt, chat_template=self.options.chat_template)
 
     def _prompt_ids(self, ex: Example) -> list[int]:
-        return self.tokenizer(self._prompt_text(ex))["input_ids"]
+        if ex.id not in self._ids:
+            self._ids[ex.id] = self.tokenizer(self._prompt_text(ex))["input_ids"]
+        return self._ids[ex.id]
+
+    def check_rows(self, rows: list[Example]) -> None:
+        """Rows the model cannot decode are refused before the first batch and before the folder
+        changes, naming the row: a prompt that holds the mask token (the decoder would write over
+        it; a text containing the tokenizer's `|<MASK>|` encodes to it) or one too long for the
+        model's positions at this token budget. Loglikelihood prompts are scored, never decoded."""
+        if self.options.uses_loglikelihood:
+            return
+        from dllm_generation.decoding import plan_layout
+
+        mask = getattr(self.model.generation_config, "mask_token_id", None)
+        if mask is None:
+            mask = getattr(self.model.config, "mask_token_id", None)
+        max_pos = getattr(self.model.config, "max_position_embeddings", None)
+        bs = self.options.block_size
+        for ex in rows:
+            ids = self._prompt_ids(ex)
+            if mask is not None and mask in ids:
+                token = self.tokenizer.convert_ids_to_tokens(mask)
+                fields = [k for k, v in ex.doc.items() if isinstance(v, str) and token in v] or ["prompt"]
+                raise DataUnavailableError(
+                    f"row {ex.id!r}: field {fields[0]!r} holds the mask token {token!r} (id {mask}), which the "
+                    "decoder would write over (allowed: text without it); remove that row or the string from the data"
+                )
+            budget = self._budgets([ids])[0] if follows_reference(self.options) else self.options.max_new_tokens
+            if max_pos is not None and plan_layout([len(ids)], bs, budget).last_position(0, bs) >= max_pos:
+                raise DataUnavailableError(
+                    f"row {ex.id!r}: its prompt has {len(ids)} tokens; with max_new_tokens={self.options.max_new_tokens} "
+                    f"it needs positions beyond the model's max_position_embeddings={max_pos} (allowed: a shorter "
+                    "row, or a smaller --max-new-tokens); shorten or remove that row"
+                )
 
     def _budgets(self, prompts: list[list[int]]) -> list[int] | None:
         """The reference's per-row budgets (block-aligned on the batch's longest prompt), or None (custom)."""
@@ -361,7 +405,9 @@ def _finalize(options, data, files: RunFiles, scorer, model, device, warmup, *, 
         "accuracy_stderr": metrics.get(f"{primary}_stderr"),
         "metrics": metrics,
         "groups": groups,
-        "counts": {"samples": len(samples), "correct": sum(1 for s in samples if s["correct"])},
+        # By the primary metric (what `accuracy` averages), also for samples written before `correct` followed it.
+        "counts": {"samples": len(samples),
+                   "correct": sum(1 for s in samples if float(s["metrics"].get(primary, s["correct"])) == 1.0)},
         "throughput": throughput,
         "model": _model_info(options, model, device),
         "generation": _generation_info(options, model, batches),

@@ -163,6 +163,11 @@ class LayerReuseConfig:
                 raise ValueError(
                     f"LayerReuseConfig.layers {bad} out of range: the model has {num_layers} layers (0..{num_layers - 1})"
                 )
+            if len(set(self.layers)) >= num_layers:  # as for size: reusing every layer would compute nothing new
+                raise ValueError(
+                    f"LayerReuseConfig.layers lists all {num_layers} layers of the model (allowed: at most "
+                    f"{num_layers - 1}; at least one layer must keep running)"
+                )
             return tuple(self.layers)
         n = self.layer_count(num_layers)
         if n >= num_layers:

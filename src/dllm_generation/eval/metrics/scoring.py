@@ -59,7 +59,13 @@ def score_sample(task: str, prediction: str, doc: dict) -> dict:
     weight ``aggregate`` needs for instruction-level accuracy.
     """
     _check_task(task)
-    return _SCORERS[task]("" if prediction is None else prediction, doc)
+    out = _SCORERS[task]("" if prediction is None else prediction, doc)
+    # A scorer shared by tasks (arith uses gsm8k's) marks `correct` by its own primary metric; the
+    # task's decides, so `correct` agrees with the accuracy the summary reports.
+    primary = out.get("metrics", {}).get(PRIMARY_METRIC[task])
+    if primary is not None:
+        out["correct"] = float(primary) == 1.0
+    return out
 
 
 def aggregate(task: str, per_sample_metrics: list[Mapping[str, float]]) -> dict[str, float]:
