@@ -325,3 +325,19 @@ def test_explicit_layers_must_leave_one_layer_running(tiny_model):
     finally:
         handle.remove()
     assert not calls
+
+
+@pytest.mark.parametrize("layers", [(1,), (2,), (3,), (1, 2), (2, 3), (1, 3)])
+def test_an_output_recall_returns_the_stored_forward_whatever_the_layers(tiny_model, layers):
+    """In output mode the residual stream after the last reused layer is the stored one, and every layer
+    after it reads only that stream and the unchanged prefix: the recall forward equals the store forward."""
+    tokens = torch.tensor([prompts_of([8], seed=4)[0] + [TINY_MASK] * 24])
+    cache = BlockDiffusionCache(4, 1, 32, 32)
+    offsets = torch.tensor([0])
+    store = ReusePlan(layer_actions(4, layers, (True,) * len(layers)), residual=False, offsets=offsets)
+    stored = _one_block_forward(tiny_model, tokens, cache, store)
+    fresh = tokens.clone()
+    fresh[0, 10], fresh[0, 20] = 17, 23  # tokens unmasked since the store
+    recall = ReusePlan(layer_actions(4, layers, (False,) * len(layers)), residual=False, offsets=offsets)
+    assert torch.equal(_one_block_forward(tiny_model, fresh, cache, recall), stored)
+
