@@ -166,11 +166,16 @@ def test_static_buffers_are_reused_across_calls_and_grow_when_needed(tiny_model)
     assert graphed_engine_of(tiny_model) is None
 
 
-def test_default_falls_back_with_a_reason_and_explicit_requests_are_errors(tiny_model, caplog):
+def test_default_falls_back_with_a_reason_and_explicit_requests_are_errors(tiny_model, caplog, monkeypatch):
+    from dllm_generation.engines import selection
+
+    monkeypatch.setattr(selection, "_FALLBACKS_LOGGED", set())
     prompts = prompts_of([20])
     with caplog.at_level("INFO", logger="dllm_generation.engines.selection"):
-        _, stats = generate_new_tokens(tiny_model, prompts, max_new_tokens=16, **BASE)
-    assert stats["fast_path"].startswith("off (device is cpu") and "fast path not used" in caplog.text
+        for _ in range(3):
+            _, stats = generate_new_tokens(tiny_model, prompts, max_new_tokens=16, **BASE)
+    assert stats["fast_path"].startswith("off (device is cpu")  # every call says why, in its stats
+    assert caplog.text.count("fast path not used") == 1, caplog.text  # the log says it once per process
     for mode in ("graphs", "compile"):
         with pytest.raises(ValueError, match=f"fast_path='{mode}' cannot serve this call: device is cpu"):
             generate_new_tokens(tiny_model, prompts, max_new_tokens=16, fast_path=mode, **BASE)

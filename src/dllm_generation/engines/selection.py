@@ -29,6 +29,7 @@ from .graphed import GraphedEngine
 from .static_store import MAX_STOP_IDS
 
 logger = logging.getLogger(__name__)
+_FALLBACKS_LOGGED: set[str] = set()
 
 
 # One graphed engine per model: its static buffers and graphs serve every later call of that model.
@@ -82,7 +83,9 @@ def select_engine(model, runner, settings, *, batch: int, capacity: int,
         if explicit:
             raise ValueError(f"fast_path={requested!r} cannot serve this call: {reason} "
                              "(use fast_path=None to fall back to the eager engine where needed, or False)")
-        logger.info("fast path not used: %s", reason)
+        if reason not in _FALLBACKS_LOGGED:  # once per process and reason, not once per batch
+            _FALLBACKS_LOGGED.add(reason)
+            logger.info("fast path not used: %s", reason)
         return EagerEngine(runner, settings, generator=generator), f"off ({reason})"
     capture = mode is not FastPath.UNCAPTURED
     compile_layers = mode is FastPath.COMPILE
