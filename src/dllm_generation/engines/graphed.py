@@ -45,8 +45,8 @@ logger = logging.getLogger(__name__)
 
 # Prefills of at most this many prompt tokens (rows x length) are captured and replayed. Eager, a
 # prefill is ~1,500 kernel launches, and below this size the launches, not the matrix products, set
-# its time (7B shape on an H200: 27.6 -> 8.4 ms at 128 tokens, 1.2-1.5x at 1,024, 1.05x at 2,048,
-# 1.03x at 4,096); larger ones would gain nothing and hold their activations in the graphs' pool.
+# its time (docs/benchmarks.md, prefill capture); larger ones would gain next to nothing and hold their
+# activations in the graphs' pool.
 PREFILL_GRAPH_TOKENS = 2048
 
 

@@ -4,26 +4,22 @@ The rows of a step's whole-block forward and of its sub-block forward are packed
 batch for every matrix product (one read of the weights). Around the attention everything is the
 model's own modules (`input_layernorm`, `o_proj`, `post_attention_layernorm`, `mlp`) and
 transformers' `apply_rotary_pos_emb`, except that q/k/v run as one matrix product over the
-projections' shared storage (`projections.py`: measured 0.36-0.43 ms less per 7B forward on an H200
-at 8-40 tokens; gate/up fused the same way through cuBLAS gained nothing at 8-40 tokens and lost at
-256). This
-module's own code is the packed attention: one call per layer for every row of the pass, over the
+projections' shared storage (`projections.py`; gate/up fused the same way through cuBLAS gained nothing, see
+docs/benchmarks.md). This module's own code is the packed attention: one call per layer for every row of the pass, over the
 static cache in place, over the first `PassKey.keys` slots (the prefix and block rounded up to one
 of a few sizes, `attended_keys`) with a per-row key-range mask, so a pass's shapes depend only on
 its `PassKey`, not on the exact prefix. After the last layer's attention only the hidden
-states the logits read go on through o_proj and the MLP (8 per row instead of a whole block's 32:
-1.7 % more tok/s at batch 32 on an H200 in float32, nothing at batch 1). The step's token choice and unmask rule
+states the logits read go on through o_proj and the MLP (8 per row instead of a whole block's 32, which
+pays at large batches). The step's token choice and unmask rule
 (`rules.py`, the eager engine's own) end the pass, so they are part of its graph.
 
 Compiled passes of at most 32 tokens in half precision on Hopper GPUs take a variant of the layer's
 post-attention work whose gate/up product is one small-M Triton kernel over their shared storage
-(`small_m_linear.py`: 1.056x tok/s at batch 1 on an H200, inside one process); larger passes call the
-MLP module, whose cuBLAS products win there.
+(`small_m_linear.py`); larger passes call the MLP module, whose cuBLAS products win there.
 
 With `compile_layers`, `torch.compile` fuses each layer's element-wise work around the attention,
-the placing of its queries and the gathering of its output included (measured in one process on an
-H200: 1.6 % more tok/s at batch 1, 2.5 % at batch 32, same tokens; uncompiled, those index kernels
-cost 1-2.5 %); a compile failure on any pass shape falls back to the plain functions, with a
+the placing of its queries and the gathering of its output included (same tokens; the gain is in
+docs/benchmarks.md); a compile failure on any pass shape falls back to the plain functions, with a
 logged reason.
 """
 
@@ -153,7 +149,7 @@ class PackedPass:
         self.math = LayerMath(_rotary_function(runner.layers[0]), self.n_heads, self.n_kv, self.head_dim)
         self.compile_layers = compile_layers
         self.compile_failure: str | None = None
-        self.compiled_once = False  # the first compile (a first batch-1 call: 17.5 s on an H200) is logged
+        self.compiled_once = False  # the first compile is slow, so it is logged
         # Compiled passes of at most `MAX_TOKENS` tokens multiply gate/up with the small-M kernel
         # where it serves the model; `graphs` keeps the eager engine's products, and so its bf16 tokens.
         gate = runner.layers[0].mlp.gate_proj
@@ -217,8 +213,8 @@ class PackedPass:
         pass and every later one run the plain functions."""
         if self.compile_layers and self.compile_failure is None:
             if not self.compiled_once:
-                logger.info("graphed engine: compiling the layer functions (once per process; a first batch-1 call "
-                            "took 17.5 s on an H200)")
+                logger.info("graphed engine: compiling the layer functions (once per process; the first call "
+                            "takes seconds to tens of seconds)")
                 self.compiled_once = True
             try:
                 self.run(key, st, runner)

@@ -4,10 +4,9 @@
 
 * `None` / `True` (default): the graphed engine with CUDA graphs and `torch.compile` where it can
   serve the call, else the eager engine, with the reason logged and reported in
-  `stats["fast_path"]`. A process's first call compiles (a first batch-1 call took 17.5 s on an
-  H200); a compile failure falls back to uncompiled graphs (logged). `"graphs"` starts in seconds
-  and gives the eager engine's tokens exactly in bf16 too, at ~1.3x the time per forward
-  (docs/benchmarks.md);
+  `stats["fast_path"]`. A process's first call compiles (seconds to tens of seconds); a compile
+  failure falls back to uncompiled graphs (logged). `"graphs"` starts in seconds and gives the eager
+  engine's tokens exactly in bf16 too, at more time per forward (docs/benchmarks.md has the numbers);
 * `False`: the eager engine;
 * `"graphs"`, `"compile"`, `"uncaptured"`: the graphed engine (captured, captured with
   `torch.compile`, or its passes run without capture, on any device). An explicit request the

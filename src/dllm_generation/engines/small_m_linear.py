@@ -1,12 +1,10 @@
 """A matrix product for passes of a few tokens: one read of the weight, as fast as the card streams it.
 
 At batch 1 a pass multiplies 8 or 32 tokens by every weight, so its time is the time to read the
-weights. cuBLAS reads the MLP's gate and up projections at 3.6-3.7 TB/s on an H200; this kernel
-reads both, as one fused [2 x intermediate, hidden] weight, at 4.1-4.3 TB/s (28 layers' products
-captured and replayed: 1.81 ms against 2.05 ms for cuBLAS's two products at 8 tokens, 1.86 against
-2.09 ms at 32). For o_proj and down_proj (3,584 outputs: fewer blocks than the card has
-multiprocessors) it gained 0.04-0.05 ms at 8 tokens only with a 16-token tile and lost at 32, split-K
-included; for q/k/v it lost. Those stay with cuBLAS.
+weights. This kernel reads the MLP's gate and up projections as one fused [2 x intermediate, hidden]
+weight, closer to the card's memory bandwidth than cuBLAS's two products (docs/benchmarks.md). For
+o_proj and down_proj (fewer output blocks than the card has multiprocessors) and for q/k/v it did not
+win, so those stay with cuBLAS.
 
 Each program owns `BLOCK_N` output columns for every token and walks the whole reduction, with
 float32 accumulation and no atomics, so the result is deterministic. It serves half precision on
