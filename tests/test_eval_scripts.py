@@ -252,6 +252,34 @@ def test_interrupted_run_resumes_without_recomputing_finished_prompts(checkpoint
     assert bigger["counts"]["samples"] == 5 and len(generated) == 3
 
 
+def test_a_torn_row_is_decoded_again_with_its_whole_batch_and_counted_once(checkpoint, tmp_path, monkeypatch):
+    """A batch's counters cover all its rows, so a row torn off a finished batch sends the whole batch
+    back: the resumed summary counts every row once, with the counters of an undisturbed run."""
+    options = _options(checkpoint, tmp_path)
+    first = run_eval(options, progress=False)
+    run = Path(options.run_dir())
+    samples = (run / "samples.jsonl").read_text().splitlines(keepends=True)
+    os.remove(run / "summary.json")
+    (run / "samples.jsonl").write_text("".join(samples[:3]) + samples[3][:20])  # the last row torn mid-line
+
+    generated: list[str] = []
+    real = runner_module.generate_batch
+
+    def counting(model, tokenizer, prompts, cfg, budgets=None):
+        result = real(model, tokenizer, prompts, cfg, budgets)
+        generated.extend(result.texts)
+        return result
+
+    monkeypatch.setattr(runner_module, "generate_batch", counting)
+    resumed = run_eval(options, progress=False)
+    assert len(generated) == 2  # gsm8k-2 and gsm8k-3: the torn row's batch, whole
+    for key in ("batches", "prompts", "tokens", "forwards", "layer_calls"):
+        assert resumed["throughput"][key] == first["throughput"][key], key
+    records = read_jsonl(str(run / "samples.jsonl"))[0]
+    assert [r["id"] for r in records] == ["gsm8k-0", "gsm8k-1", "gsm8k-2", "gsm8k-3"]
+    assert [r["prediction"] for r in records] == [json.loads(line)["prediction"] for line in samples]
+
+
 def test_resume_refuses_results_made_with_other_settings(checkpoint, tmp_path):
     options = _options(checkpoint, tmp_path, limit=2, run_name="same-folder")
     run_eval(options, progress=False)

@@ -160,12 +160,43 @@ class RunFiles:
                 for k in sorted(set(stored) | set(identity)) if stored.get(k) != identity.get(k)]
 
     def repair(self) -> None:
-        """Drop torn lines left by a crash, so appends start on a clean line."""
+        """Drop torn lines left by a crash, so appends start on a clean line, then the batches a crash
+        left partial.
+
+        A batch's counters (tokens, forwards, seconds) cover all its rows at once, so they count only
+        while every row of the batch has its sample. A batch missing one (a torn sample line), and the
+        samples of a batch whose counters were lost, are set back to unfinished: the rerun decodes those
+        rows again as one batch, and no row is counted twice or without its work.
+        """
         for path in self._all(SAMPLES) + self._all(BATCHES):
             records, bad = read_jsonl(path)
             if bad:
                 logger.warning("%s: dropping %d unreadable line(s) left by an interrupted run", path, bad)
                 write_jsonl_atomic(path, records)
+        self._drop_partial_batches()
+
+    def _drop_partial_batches(self) -> None:
+        sample_files = {path: read_jsonl(path)[0] for path in self._all(SAMPLES)}
+        batch_files = {path: read_jsonl(path)[0] for path in self._all(BATCHES)}
+        if not any("ids" in b for records in batch_files.values() for b in records):
+            return  # counters written before batches named their rows: nothing to match
+        have = {r["id"] for records in sample_files.values() for r in records}
+        partial = [b for records in batch_files.values() for b in records if "ids" in b and not have.issuperset(b["ids"])]
+        counted = {i for records in batch_files.values() for b in records if "ids" in b and b not in partial
+                   for i in b["ids"]}
+        redo = (have - counted) | {i for b in partial for i in b["ids"]}
+        if not redo:
+            return
+        logger.warning("%s: %d row(s) of batches an interrupted run left partial will be decoded again",
+                       self.dir, len(redo & have))
+        for path, records in batch_files.items():  # counters first: a crash between the two rewrites
+            kept = [b for b in records if b not in partial]  # leaves samples without counters, redone next time
+            if len(kept) != len(records):
+                write_jsonl_atomic(path, kept)
+        for path, records in sample_files.items():
+            kept = [r for r in records if r["id"] not in redo]
+            if len(kept) != len(records):
+                write_jsonl_atomic(path, kept)
 
     def finished_samples(self) -> list[dict]:
         """Every sample record any process has written, first occurrence of each id wins."""
