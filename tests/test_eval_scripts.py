@@ -215,6 +215,20 @@ def _options(checkpoint, out, **changes):
                        warmup=False, output_dir=str(out), data_files=[str(DATA / "gsm8k" / "test.jsonl")]).replace(**changes)
 
 
+def record_generated_texts(monkeypatch) -> list[str]:
+    """The texts every later `generate_batch` call of the eval runner decodes, in order."""
+    generated: list[str] = []
+    real = runner_module.generate_batch
+
+    def counting(model, tokenizer, prompts, cfg, budgets=None):
+        result = real(model, tokenizer, prompts, cfg, budgets)
+        generated.extend(result.texts)
+        return result
+
+    monkeypatch.setattr(runner_module, "generate_batch", counting)
+    return generated
+
+
 def test_interrupted_run_resumes_without_recomputing_finished_prompts(checkpoint, tmp_path, monkeypatch):
     options = _options(checkpoint, tmp_path)
     first = run_eval(options, progress=False)
@@ -226,15 +240,7 @@ def test_interrupted_run_resumes_without_recomputing_finished_prompts(checkpoint
     (run / "samples.jsonl").write_text("".join(samples[:2]) + samples[2][:15])
     (run / "batches.jsonl").write_text(batches[0])
 
-    generated: list[str] = []
-    real = runner_module.generate_batch
-
-    def counting(model, tokenizer, prompts, cfg, budgets=None):
-        result = real(model, tokenizer, prompts, cfg, budgets)
-        generated.extend(result.texts)
-        return result
-
-    monkeypatch.setattr(runner_module, "generate_batch", counting)
+    generated = record_generated_texts(monkeypatch)
     resumed = run_eval(options, progress=False)
     assert len(generated) == 2  # only gsm8k-2 and gsm8k-3
     records = read_jsonl(str(run / "samples.jsonl"))
@@ -262,15 +268,7 @@ def test_a_torn_row_is_decoded_again_with_its_whole_batch_and_counted_once(check
     os.remove(run / "summary.json")
     (run / "samples.jsonl").write_text("".join(samples[:3]) + samples[3][:20])  # the last row torn mid-line
 
-    generated: list[str] = []
-    real = runner_module.generate_batch
-
-    def counting(model, tokenizer, prompts, cfg, budgets=None):
-        result = real(model, tokenizer, prompts, cfg, budgets)
-        generated.extend(result.texts)
-        return result
-
-    monkeypatch.setattr(runner_module, "generate_batch", counting)
+    generated = record_generated_texts(monkeypatch)
     resumed = run_eval(options, progress=False)
     assert len(generated) == 2  # gsm8k-2 and gsm8k-3: the torn row's batch, whole
     for key in ("batches", "prompts", "tokens", "forwards", "layer_calls"):
