@@ -278,6 +278,33 @@ def test_a_torn_row_is_decoded_again_with_its_whole_batch_and_counted_once(check
     assert [r["prediction"] for r in records] == [json.loads(line)["prediction"] for line in samples]
 
 
+def test_damaged_run_files_are_rebuilt_or_named_never_a_traceback(checkpoint, tmp_path, monkeypatch, capsys):
+    """An unreadable summary is rebuilt from the samples; rows whose samples were lost are decoded again
+    though a summary says the run is done; an unreadable run.json (the settings) is one line naming it."""
+    options = _options(checkpoint, tmp_path)
+    first = run_eval(options, progress=False)
+    run = Path(options.run_dir())
+    (run / "summary.json").write_text("{torn")
+    generated = record_generated_texts(monkeypatch)
+    rebuilt = run_eval(options, progress=False)
+    assert generated == [] and rebuilt["counts"] == first["counts"] and rebuilt["metrics"] == first["metrics"]
+
+    samples = (run / "samples.jsonl").read_text().splitlines(keepends=True)
+    (run / "samples.jsonl").write_text("".join(samples[:2]))  # the summary still says 4 rows
+    redone = run_eval(options, progress=False)
+    assert len(generated) == 2 and redone["counts"] == first["counts"]
+    assert [json.loads(line)["prediction"] for line in (run / "samples.jsonl").read_text().splitlines()] == \
+        [json.loads(line)["prediction"] for line in samples]
+
+    (run / "run.json").write_text("{torn")
+    (run / "summary.json").unlink()
+    argv = ["--model", checkpoint, "--data-files", str(DATA / "gsm8k" / "test.jsonl"), "--output-dir", str(tmp_path),
+            *FAST[:2], "--limit", "4", "--batch-size", "2", "--max-new-tokens", "32", "--threshold", "0.05", "--no-warmup"]
+    assert run_script("gsm8k", argv, monkeypatch) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "Loading weights" not in line]
+    assert len(err) == 1 and "run.json is unreadable" in err[0] and "--force" in err[0], err
+
+
 def test_resume_refuses_results_made_with_other_settings(checkpoint, tmp_path):
     options = _options(checkpoint, tmp_path, limit=2, run_name="same-folder")
     run_eval(options, progress=False)

@@ -77,6 +77,10 @@ def read_json(path: str):
         return json.load(f)
 
 
+class RunFolderDamagedError(RuntimeError):
+    """A file that tells what a run folder holds cannot be read."""
+
+
 class RunFiles:
     """Paths of one run folder, and the per-process files this process appends to."""
 
@@ -112,6 +116,21 @@ class RunFiles:
 
     def has_summary(self) -> bool:
         return os.path.exists(self.summary)
+
+    def read_summary(self) -> dict | None:
+        """The summary, or None when there is none or it cannot be read (logged): it is rebuilt from
+        the samples and counters, which are what the folder keeps."""
+        if not self.has_summary():
+            return None
+        try:
+            summary = read_json(self.summary)
+        except (OSError, ValueError) as err:
+            logger.warning("%s is unreadable (%s): it will be rebuilt from the samples", self.summary, err)
+            return None
+        if not isinstance(summary, dict):
+            logger.warning("%s holds no summary object: it will be rebuilt from the samples", self.summary)
+            return None
+        return summary
 
     def result_paths(self) -> list[str]:
         """The files that hold finished work (samples, counters, summary) of any process."""
@@ -155,7 +174,15 @@ class RunFiles:
         """Settings that differ from those the results in this folder were made with (none without results)."""
         if not os.path.exists(self.identity) or not self.has_results():
             return []
-        stored = read_json(self.identity)
+        try:
+            stored = read_json(self.identity)
+        except (OSError, ValueError) as err:
+            stored = err
+        if not isinstance(stored, dict):
+            reason = stored if isinstance(stored, Exception) else "not a JSON object"
+            raise RunFolderDamagedError(
+                f"{self.identity} is unreadable ({reason}), so the settings of the results beside it are unknown; "
+                "delete it to keep those results under the current settings, or pass --force to replace them")
         return [f"{k}: {stored.get(k)!r} (stored) != {identity.get(k)!r} (now)"
                 for k in sorted(set(stored) | set(identity)) if stored.get(k) != identity.get(k)]
 
@@ -187,8 +214,9 @@ class RunFiles:
         redo = (have - counted) | {i for b in partial for i in b["ids"]}
         if not redo:
             return
-        logger.warning("%s: %d row(s) of batches an interrupted run left partial will be decoded again",
-                       self.dir, len(redo & have))
+        logger.warning("%s: %d batch(es) an interrupted run left partial, and %d row(s) with a sample but no "
+                       "counters, go back to unfinished (%d finished row(s) decoded again)",
+                       self.dir, len(partial), len(have - counted), len(redo & have))
         for path, records in batch_files.items():  # counters first: a crash between the two rewrites
             kept = [b for b in records if b not in partial]  # leaves samples without counters, redone next time
             if len(kept) != len(records):

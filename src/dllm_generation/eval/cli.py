@@ -12,6 +12,7 @@ import os
 import sys
 from fractions import Fraction
 
+from .artifacts import RunFolderDamagedError
 from .data import DataUnavailableError, one_line
 from .folder_lock import RunFolderBusyError
 from .model_calls import ModelUnavailableError
@@ -176,7 +177,8 @@ def options_from_args(task: str, args: argparse.Namespace, **overrides) -> EvalO
 
 
 # Errors a user can act on: reported as one line, not a traceback.
-USER_ERRORS = (DataUnavailableError, ModelUnavailableError, InvalidOptionError, RunFolderBusyError)
+USER_ERRORS = (DataUnavailableError, ModelUnavailableError, InvalidOptionError, RunFolderBusyError,
+               RunFolderDamagedError)
 INTERRUPTED = "interrupted; rerun the same command to resume"
 EXIT_INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
 

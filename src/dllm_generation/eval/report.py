@@ -104,7 +104,7 @@ def build_report(root: str, *, output: str | None = None, plots: bool = True) ->
 def grid_table(cells) -> str:
     """The accuracy x speed table of a grid's cells that have a summary (what `run_grid` prints)."""
     files = [RunFiles(options.run_dir()) for options in cells]
-    runs = [read_json(f.summary) for f in files if f.has_summary()]
+    runs = [s for s in (f.read_summary() for f in files) if s is not None]
     if not runs:
         return "no finished configurations yet"
     return "\n".join(_task_table(runs[0]["task"], runs))

@@ -124,12 +124,17 @@ def _run_locked(options, files: RunFiles, ctx, scorer, *, model, tokenizer, load
         )
 
     data = load_task_data(options)
-    if files.has_summary() and not options.force:
-        summary = artifacts.read_json(files.summary)
-        if summary.get("dataset", {}).get("count") == len(data.examples):
+    summary = None if options.force else files.read_summary()
+    if summary is not None and summary.get("dataset", {}).get("count") == len(data.examples):
+        have = {r["id"] for r in files.finished_samples()}
+        missing = [ex.id for ex in data.examples if ex.id not in have]
+        if not missing:
             if ctx.is_main:
                 logger.info("summary exists, nothing to do: %s (use --force to recompute)", files.summary)
             return summary
+        if ctx.is_main:
+            logger.warning("%s: the summary covers %d rows but %d have no readable sample (first: %s); "
+                           "decoding them again", files.dir, len(data.examples), len(missing), missing[0])
 
     if ctx.is_main and not options.force:
         files.repair()
@@ -174,7 +179,7 @@ def _run_locked(options, files: RunFiles, ctx, scorer, *, model, tokenizer, load
                             load_before=load, started=started)
     ctx.barrier()
     if not ctx.is_main:
-        summary = artifacts.read_json(files.summary)
+        summary = artifacts.read_json(files.summary)  # the main process has just written it
     return summary
 
 
@@ -187,7 +192,9 @@ def completed_summary(options: EvalOptions) -> dict | None:
     files = RunFiles(options.run_dir())
     if options.force or not files.has_summary() or files.identity_conflicts(options.identity()):
         return None
-    summary = artifacts.read_json(files.summary)
+    summary = files.read_summary()
+    if summary is None:
+        return None
     dataset = summary.get("dataset", {})
     total, count = dataset.get("total"), dataset.get("count")
     if total is None or count is None:
