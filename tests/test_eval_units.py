@@ -245,6 +245,19 @@ def test_atomic_json_and_torn_line_repair(tmp_path):
     assert oct(os.stat(files.summary).st_mode & 0o044) != "0o0"  # readable by others, not mkstemp's 0600
 
 
+def test_a_sample_line_without_its_row_id_is_dropped_and_its_batch_redone(tmp_path):
+    files = artifacts.RunFiles(str(tmp_path / "run"))
+    files.append([{"id": "a", "index": 0}, {"id": "b", "index": 1}], {"ids": ["a", "b"], "tokens": 3})
+    files.append([{"id": "c", "index": 2}, {"id": "d", "index": 3}], {"ids": ["c", "d"], "tokens": 4})
+    lines = Path(files.samples_path()).read_text().splitlines(keepends=True)
+    lines[3] = '{"index": 3, "prediction": "x"}\n'  # valid JSON, no id
+    Path(files.samples_path()).write_text("".join(lines))
+    assert [r["id"] for r in files.finished_samples()] == ["a", "b", "c"]
+    files.repair()
+    assert [r["id"] for r in files.finished_samples()] == ["a", "b"]  # c's batch goes back, whole
+    assert [b["ids"] for b in files.batch_records()] == [["a", "b"]]
+
+
 def test_rank_files_merge_into_one_samples_file(tmp_path):
     r0, r1 = artifacts.RunFiles(str(tmp_path), 0), artifacts.RunFiles(str(tmp_path), 1)
     r1.append([{"id": "y", "index": 1}], {"rank": 1})

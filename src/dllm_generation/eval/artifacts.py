@@ -195,8 +195,12 @@ class RunFiles:
         samples of a batch whose counters were lost, are set back to unfinished: the rerun decodes those
         rows again as one batch, and no row is counted twice or without its work.
         """
+        samples = set(self._all(SAMPLES))
         for path in self._all(SAMPLES) + self._all(BATCHES):
             records, bad = read_jsonl(path)
+            if path in samples:  # a sample without its row id cannot be matched to a row
+                kept = [r for r in records if isinstance(r, dict) and "id" in r and "index" in r]
+                bad, records = bad + len(records) - len(kept), kept
             if bad:
                 logger.warning("%s: dropping %d unreadable line(s) left by an interrupted run", path, bad)
                 write_jsonl_atomic(path, records)
@@ -231,6 +235,8 @@ class RunFiles:
         seen, out = set(), []
         for path in self._all(SAMPLES):
             for record in read_jsonl(path)[0]:
+                if not isinstance(record, dict) or "id" not in record:
+                    continue  # damaged: `repair` drops it, and the row is decoded again
                 if record["id"] not in seen:
                     seen.add(record["id"])
                     out.append(record)
