@@ -305,6 +305,27 @@ def test_damaged_run_files_are_rebuilt_or_named_never_a_traceback(checkpoint, tm
     assert len(err) == 1 and "run.json is unreadable" in err[0] and "--force" in err[0], err
 
 
+def test_report_lists_the_runs_it_cannot_show(checkpoint, tmp_path):
+    """An interrupted run, and one whose --force rerun stopped with its earlier results set aside, are
+    listed as incomplete instead of vanishing from the report."""
+    from dllm_generation.eval.report import build_report
+
+    run_eval(_options(checkpoint, tmp_path, limit=2, run_name="done"), progress=False)
+    run_eval(_options(checkpoint, tmp_path, limit=2, run_name="cut"), progress=False)
+    run_eval(_options(checkpoint, tmp_path, limit=2, run_name="forced"), progress=False)
+    (tmp_path / "gsm8k" / "cut" / "summary.json").unlink()
+    forced = tmp_path / "gsm8k" / "forced"
+    (forced / ".replaced").mkdir()
+    for name in ("summary.json", "samples.jsonl", "batches.jsonl"):
+        os.replace(forced / name, forced / ".replaced" / name)
+    text = Path(build_report(str(tmp_path), plots=False)).read_text()
+    table_rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| config")]
+    assert [row.split(" | ")[0] for row in table_rows] == ["| done"]  # the finished run, alone in the table
+    assert "## Incomplete runs" in text
+    assert "`gsm8k/cut`: interrupted, 2 row(s) finished" in text
+    assert "`gsm8k/forced`: a --force rerun stopped" in text
+
+
 def test_resume_refuses_results_made_with_other_settings(checkpoint, tmp_path):
     options = _options(checkpoint, tmp_path, limit=2, run_name="same-folder")
     run_eval(options, progress=False)

@@ -40,6 +40,22 @@ def collect_summaries(root: str) -> dict[str, list[dict]]:
     return dict(sorted(by_task.items()))
 
 
+def incomplete_runs(root: str) -> list[tuple[str, str]]:
+    """(folder, state) of every run folder under `root` without a readable summary: an interrupted
+    run, or one whose --force replacement stopped (its earlier results wait in `.replaced/`)."""
+    found = []
+    for identity in sorted(glob.glob(os.path.join(root, "*", "*", "run.json"))):
+        folder = os.path.dirname(identity)
+        files = RunFiles(folder)
+        if os.path.isdir(files.replaced_dir):
+            found.append((folder, "a --force rerun stopped before its first result; rerun it to restore or replace "
+                                  "the earlier results"))
+        elif files.read_summary() is None:
+            done = len(files.finished_samples())
+            found.append((folder, f"interrupted, {done} row(s) finished; rerun the same command to resume"))
+    return found
+
+
 def baseline_signature(summary: dict) -> tuple:
     """Everything that must match for a k=1 run to be this run's baseline."""
     opts = summary.get("options", {})
@@ -96,6 +112,10 @@ def build_report(root: str, *, output: str | None = None, plots: bool = True) ->
         if plots:
             png = plot_task(task, runs, os.path.join(out_dir, "plots"))
             lines += [f"![{task}: accuracy vs throughput]({os.path.relpath(png, out_dir)})", ""]
+    unfinished = incomplete_runs(root)
+    if unfinished:
+        lines += ["## Incomplete runs (not in the tables)", ""]
+        lines += [f"- `{os.path.relpath(folder, root)}`: {state}" for folder, state in unfinished] + [""]
     os.makedirs(out_dir, exist_ok=True)
     write_text_atomic(output, "\n".join(lines) + "\n")
     return output
