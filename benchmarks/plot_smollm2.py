@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 
 
@@ -29,9 +28,8 @@ def points(root: str) -> list[tuple[str, float, float, float]]:
         speed = read(os.path.join(root, "timing-b1", timing_cell, "summary.json"))["throughput"]["tokens_per_second"]
         found.append((label, speed, acc["accuracy"], acc["accuracy_stderr"]))
     ar = read(os.path.join(root, "ar", "arith.json"))
-    p = ar["metrics"]["exact_match_strict"]
     found.append(("autoregressive (transformers generate)", read(os.path.join(root, "ar", "time_b1.json"))["tokens_per_second"],
-                  p, math.sqrt(p * (1 - p) / (ar["rows"] - 1))))
+                  ar["metrics"]["exact_match_strict"], ar["stderr"]["exact_match_strict"]))
     return found
 
 

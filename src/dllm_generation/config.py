@@ -118,6 +118,12 @@ def _as_id_tuple(value) -> tuple[int, ...]:
     return (int(value),)
 
 
+def mask_token_id_of(call_config, model_config_defaults, model_config) -> int | None:
+    """The mask id a decode uses: the call's, else the model's generation config's, else `config.mask_token_id`."""
+    return _first_set(getattr(call_config, "mask_token_id", None), getattr(model_config_defaults, "mask_token_id", None),
+                      getattr(model_config, "mask_token_id", None))
+
+
 def resolve_settings(
     call_config, model_config_defaults, model_config, *, num_layers: int, input_length: int = 0
 ) -> DiffusionSettings:
@@ -153,9 +159,7 @@ def resolve_settings(
     if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new <= 0:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new!r}")
 
-    mask_id = get("mask_token_id")
-    if mask_id is None:
-        mask_id = getattr(model_config, "mask_token_id", None)
+    mask_id = mask_token_id_of(call_config, model_config_defaults, model_config)
     if mask_id is None:
         raise ValueError(
             "mask_token_id is not set: pass GenerationConfig(mask_token_id=...), load the model with a tokenizer that "

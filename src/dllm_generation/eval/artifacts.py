@@ -177,14 +177,16 @@ class RunFiles:
         try:
             stored = read_json(self.identity)
         except (OSError, ValueError) as err:
-            stored = err
+            raise self._damaged_identity(err) from None
         if not isinstance(stored, dict):
-            reason = stored if isinstance(stored, Exception) else "not a JSON object"
-            raise RunFolderDamagedError(
-                f"{self.identity} is unreadable ({reason}), so the settings of the results beside it are unknown; "
-                "delete it to keep those results under the current settings, or pass --force to replace them")
+            raise self._damaged_identity("not a JSON object")
         return [f"{k}: {stored.get(k)!r} (stored) != {identity.get(k)!r} (now)"
                 for k in sorted(set(stored) | set(identity)) if stored.get(k) != identity.get(k)]
+
+    def _damaged_identity(self, reason) -> RunFolderDamagedError:
+        return RunFolderDamagedError(
+            f"{self.identity} is unreadable ({reason}), so the settings of the results beside it are unknown; "
+            "delete it to keep those results under the current settings, or pass --force to replace them")
 
     def repair(self) -> None:
         """Drop torn lines left by a crash, so appends start on a clean line, then the batches a crash
@@ -195,20 +197,20 @@ class RunFiles:
         samples of a batch whose counters were lost, are set back to unfinished: the rerun decodes those
         rows again as one batch, and no row is counted twice or without its work.
         """
-        samples = set(self._all(SAMPLES))
-        for path in self._all(SAMPLES) + self._all(BATCHES):
-            records, bad = read_jsonl(path)
-            if path in samples:  # a sample without its row id cannot be matched to a row
-                kept = [r for r in records if isinstance(r, dict) and "id" in r and "index" in r]
-                bad, records = bad + len(records) - len(kept), kept
-            if bad:
-                logger.warning("%s: dropping %d unreadable line(s) left by an interrupted run", path, bad)
-                write_jsonl_atomic(path, records)
-        self._drop_partial_batches()
+        sample_files, batch_files = {}, {}
+        for files, name in ((sample_files, SAMPLES), (batch_files, BATCHES)):
+            for path in self._all(name):
+                records, bad = read_jsonl(path)
+                if files is sample_files:  # a sample without its row id cannot be matched to a row
+                    kept = [r for r in records if isinstance(r, dict) and "id" in r and "index" in r]
+                    bad, records = bad + len(records) - len(kept), kept
+                if bad:
+                    logger.warning("%s: dropping %d unreadable line(s) left by an interrupted run", path, bad)
+                    write_jsonl_atomic(path, records)
+                files[path] = records
+        self._drop_partial_batches(sample_files, batch_files)
 
-    def _drop_partial_batches(self) -> None:
-        sample_files = {path: read_jsonl(path)[0] for path in self._all(SAMPLES)}
-        batch_files = {path: read_jsonl(path)[0] for path in self._all(BATCHES)}
+    def _drop_partial_batches(self, sample_files: dict[str, list[dict]], batch_files: dict[str, list[dict]]) -> None:
         if not any("ids" in b for records in batch_files.values() for b in records):
             return  # counters written before batches named their rows: nothing to match
         have = {r["id"] for records in sample_files.values() for r in records}

@@ -16,7 +16,7 @@ import os
 from collections import defaultdict
 
 from ..reuse.config import is_share, size_label
-from .artifacts import RunFiles, read_json, write_text_atomic
+from .artifacts import RunFiles, write_text_atomic
 from .provenance import BUSY_LOAD_PER_CPU
 
 logger = logging.getLogger(__name__)
@@ -28,10 +28,8 @@ def collect_summaries(root: str) -> dict[str, list[dict]]:
     """Summaries per task, sorted by k then config name."""
     by_task: dict[str, list[dict]] = defaultdict(list)
     for path in sorted(glob.glob(os.path.join(root, "*", "*", "summary.json"))):
-        try:
-            summary = read_json(path)
-        except (OSError, ValueError) as err:
-            logger.warning("skipping unreadable %s: %s", path, err)
+        summary = RunFiles(os.path.dirname(path)).read_summary()
+        if summary is None:  # unreadable (logged): listed with the incomplete runs
             continue
         summary["_path"] = path
         by_task[summary["task"]].append(summary)
@@ -40,9 +38,9 @@ def collect_summaries(root: str) -> dict[str, list[dict]]:
     return dict(sorted(by_task.items()))
 
 
-def incomplete_runs(root: str) -> list[tuple[str, str]]:
-    """(folder, state) of every run folder under `root` without a readable summary: an interrupted
-    run, or one whose --force replacement stopped (its earlier results wait in `.replaced/`)."""
+def incomplete_runs(root: str, shown: set[str]) -> list[tuple[str, str]]:
+    """(folder, state) of every run folder under `root` whose summary is not among `shown` (folders):
+    an interrupted run, or one whose --force replacement stopped (its earlier results wait in `.replaced/`)."""
     found = []
     for identity in sorted(glob.glob(os.path.join(root, "*", "*", "run.json"))):
         folder = os.path.dirname(identity)
@@ -50,7 +48,7 @@ def incomplete_runs(root: str) -> list[tuple[str, str]]:
         if os.path.isdir(files.replaced_dir):
             found.append((folder, "a --force rerun stopped before its first result; rerun it to restore or replace "
                                   "the earlier results"))
-        elif files.read_summary() is None:
+        elif folder not in shown:
             done = len(files.finished_samples())
             found.append((folder, f"interrupted, {done} row(s) finished; rerun the same command to resume"))
     return found
@@ -112,7 +110,7 @@ def build_report(root: str, *, output: str | None = None, plots: bool = True) ->
         if plots:
             png = plot_task(task, runs, os.path.join(out_dir, "plots"))
             lines += [f"![{task}: accuracy vs throughput]({os.path.relpath(png, out_dir)})", ""]
-    unfinished = incomplete_runs(root)
+    unfinished = incomplete_runs(root, {os.path.dirname(s["_path"]) for runs in by_task.values() for s in runs})
     if unfinished:
         lines += ["## Incomplete runs (not in the tables)", ""]
         lines += [f"- `{os.path.relpath(folder, root)}`: {state}" for folder, state in unfinished] + [""]

@@ -230,11 +230,10 @@ class _Evaluator:
         model's positions at this token budget. Loglikelihood prompts are scored, never decoded."""
         if self.options.uses_loglikelihood:
             return
+        from dllm_generation.config import mask_token_id_of
         from dllm_generation.decoding import plan_layout
 
-        mask = getattr(self.model.generation_config, "mask_token_id", None)
-        if mask is None:
-            mask = getattr(self.model.config, "mask_token_id", None)
+        mask = mask_token_id_of(self.generation_config, self.model.generation_config, self.model.config)
         max_pos = getattr(self.model.config, "max_position_embeddings", None)
         bs = self.options.block_size
         for ex in rows:
